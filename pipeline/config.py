@@ -1,0 +1,333 @@
+"""Typed run configuration, loaded from YAML plus ``dotted.key=value`` overrides.
+
+Every stage reads one ``Config``. Validation happens here, before any work starts: an unknown key, a value of the
+wrong type or a value out of range raises ``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key."""
+
+
+def _check(cond: bool, key: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {why}")
+
+
+@dataclass
+class DataConfig:
+    """The embedded default dataset (shapes × colours × positions × backgrounds, captioned in words)."""
+
+    num_images: int = 2400
+    """Images generated for the URL list (the download stage fetches them over loopback HTTP)."""
+    heldout_fraction: float = 0.1
+    """Fraction of caption combinations kept out of training and used only for sampling."""
+    render_size: int = 64
+    """Pixel size of the served images (the download stage resizes them)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_images > 0, "data.num_images", "must be > 0")
+        _check(0.0 < self.heldout_fraction < 0.5, "data.heldout_fraction", "must be in (0, 0.5)")
+        _check(self.render_size >= 16, "data.render_size", "must be >= 16")
+
+
+@dataclass
+class DownloadConfig:
+    """URL list → resized image shards (img2dataset pieces on Ray tasks)."""
+
+    input: str = ""
+    """URL list: file, folder or glob; parquet/csv/tsv/jsonl; local or s3://. Empty: the demo's list."""
+    url_col: str = "url"
+    caption_col: str = "caption"
+    output: str = ""
+    """Shard folder; empty means <run_dir>/images."""
+    shard_size: int = 1000
+    image_size: int = 32
+    resize_mode: str = "center_crop"
+    output_format: str = "webdataset"
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    thread_count: int = 16
+    timeout: float = 10.0
+    retries: int = 0
+    """Per-URL retries inside img2dataset's downloader."""
+    shard_retries: int = 2
+    """Whole-shard retries after a shard task failed."""
+    max_in_flight: int = 4
+    """Shard tasks submitted at once (backpressure)."""
+    allow_private_addresses: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.shard_size > 0, "download.shard_size", "must be > 0")
+        _check(self.image_size >= 8, "download.image_size", "must be >= 8")
+        _check(self.resize_mode in {"no", "border", "keep_ratio", "center_crop"}, "download.resize_mode",
+               "must be one of no, border, keep_ratio, center_crop")
+        _check(self.output_format in {"webdataset"}, "download.output_format", "must be 'webdataset'")
+        _check(self.encode_format in {"jpg", "png", "webp"}, "download.encode_format", "must be jpg, png or webp")
+        _check(1 <= self.encode_quality <= 100, "download.encode_quality", "must be in [1, 100]")
+        _check(self.thread_count > 0, "download.thread_count", "must be > 0")
+        _check(self.timeout > 0, "download.timeout", "must be > 0")
+        _check(self.retries >= 0, "download.retries", "must be >= 0")
+        _check(self.shard_retries >= 0, "download.shard_retries", "must be >= 0")
+        _check(self.max_in_flight > 0, "download.max_in_flight", "must be > 0")
+
+
+@dataclass
+class DVAEConfig:
+    """DALL-E stage-one discrete VAE (Gumbel-softmax relaxation, KL to a uniform prior)."""
+
+    vocab_size: int = 128
+    n_hid: int = 32
+    group_count: int = 3
+    """Downsampling is 2 ** (group_count - 1): 3 groups turn 32x32 into an 8x8 grid."""
+    n_blk_per_group: int = 1
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    temp_start: float = 1.0
+    temp_end: float = 0.0625
+    kl_weight: float = 1e-3
+    output: str = ""
+    """Checkpoint folder; empty means <run_dir>/dvae."""
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.vocab_size <= 65535, "dvae.vocab_size", "must be in [2, 65535] (stored as uint16)")
+        _check(self.n_hid > 0, "dvae.n_hid", "must be > 0")
+        _check(self.group_count >= 1, "dvae.group_count", "must be >= 1")
+        _check(self.n_blk_per_group >= 1, "dvae.n_blk_per_group", "must be >= 1")
+        _check(self.steps > 0, "dvae.steps", "must be > 0")
+        _check(self.batch_size > 0, "dvae.batch_size", "must be > 0")
+        _check(self.lr > 0, "dvae.lr", "must be > 0")
+        _check(0 < self.temp_end <= self.temp_start, "dvae.temp_end", "must be in (0, temp_start]")
+        _check(self.kl_weight >= 0, "dvae.kl_weight", "must be >= 0")
+
+
+@dataclass
+class ClipConfig:
+    """A small open_clip CLIP trained on the run's images (or a named open_clip model)."""
+
+    embed_dim: int = 64
+    width: int = 128
+    layers: int = 2
+    patch_size: int = 8
+    context_length: int = 24
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    output: str = ""
+    """Checkpoint folder; empty means <run_dir>/clip."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "width", "layers", "patch_size", "context_length", "steps", "batch_size"):
+            _check(getattr(self, name) > 0, f"clip.{name}", "must be > 0")
+        _check(self.width % 32 == 0, "clip.width", "must be a multiple of 32 (head width)")
+        _check(self.lr > 0, "clip.lr", "must be > 0")
+
+
+@dataclass
+class TokenizeConfig:
+    """Image shards → token shards (one Parquet row per sample)."""
+
+    input: str = ""
+    """Image shard folder; empty means the download output."""
+    output: str = ""
+    """Token shard folder; empty means <run_dir>/tokens."""
+    batch_size: int = 64
+    num_encoders: int = 1
+    """Encoder actors in the Ray Data actor pool."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "tokenize.batch_size", "must be > 0")
+        _check(self.num_encoders > 0, "tokenize.num_encoders", "must be > 0")
+
+
+@dataclass
+class PriorConfig:
+    """The DALL-E 1 autoregressive transformer over text + image tokens, trained with DeepSpeed."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    text_len: int = 16
+    dropout: float = 0.0
+    steps: int = 600
+    micro_batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    zero_stage: int = 2
+    num_procs: int = 2
+    """Ranks started by the deepspeed launcher (CPU ranks on a CPU machine)."""
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 20
+    output: str = ""
+    """Checkpoint folder; empty means <run_dir>/prior."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "text_len", "steps", "micro_batch_size", "num_procs", "log_every"):
+            _check(getattr(self, name) > 0, f"prior.{name}", "must be > 0")
+        _check(self.n_embd % self.n_head == 0, "prior.n_embd", "must be divisible by prior.n_head")
+        _check(0.0 <= self.dropout < 1.0, "prior.dropout", "must be in [0, 1)")
+        _check(self.lr > 0, "prior.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "prior.warmup_steps", "must be >= 0")
+        _check(self.zero_stage in (0, 1, 2, 3), "prior.zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class SampleConfig:
+    """Captions → images: KV-cached sampling, dVAE decode, CLIP rerank."""
+
+    captions: list[str] = field(default_factory=list)
+    """Captions to draw; empty means the run's held-out captions."""
+    num_captions: int = 24
+    candidates: int = 8
+    """Samples drawn per caption; CLIP keeps the best."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 disables top-k filtering."""
+    seed: int = 0
+    output: str = ""
+    """Report folder; empty means <run_dir>/report."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_captions > 0, "sample.num_captions", "must be > 0")
+        _check(self.candidates > 0, "sample.candidates", "must be > 0")
+        _check(self.temperature > 0, "sample.temperature", "must be > 0")
+        _check(self.top_k >= 0, "sample.top_k", "must be >= 0")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    ray_address: str = ""
+    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
+    num_cpus: int = 2
+    """CPUs for a local Ray cluster."""
+    data: DataConfig = field(default_factory=DataConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir", "must not be empty")
+        _check(self.num_cpus > 0, "num_cpus", "must be > 0")
+
+    def path(self, stage: str) -> str:
+        """The output location of a stage: its ``output`` key if set, else ``<run_dir>/<default name>``."""
+        explicit = {"images": self.download.output, "dvae": self.dvae.output, "clip": self.clip.output,
+                    "tokens": self.tokenize.output, "prior": self.prior.output, "report": self.sample.output}
+        if stage == "tokens_input":
+            return self.tokenize.input or self.path("images")
+        if explicit.get(stage):
+            return explicit[stage]
+        return str(Path(self.run_dir) / stage)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (['a', 'b'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"bad override '{text}': expected dotted.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"bad override '{text}': value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply overrides, validate every key. Raises ConfigError before any work."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return _build(Config, raw)
+    except TypeError as exc:  # e.g. a section given a scalar
+        raise ConfigError(str(exc)) from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""The embedded default dataset and the loopback server that serves it."""
