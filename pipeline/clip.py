@@ -8,6 +8,7 @@ a published model. Named models (``ViT-B-32`` with a pretrained tag or file) loa
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import logging
 import time
@@ -101,7 +102,9 @@ def train_clip(cfg: ClipConfig, images: np.ndarray, captions: list[str], out_dir
     all_tokens = tokenizer(captions, context_length=cfg.context_length)
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    warm = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 5%
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
     gen = torch.Generator().manual_seed(seed)
     t0, losses = time.time(), []
     model.train()

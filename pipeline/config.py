@@ -117,6 +117,10 @@ class DVAEConfig:
 class ClipConfig:
     """A small open_clip CLIP trained on the run's images (or a named open_clip model)."""
 
+    model: str = ""
+    """open_clip model name (``ViT-B-32``) or ``local-dir:<folder>``; empty trains a small CLIP into <run_dir>/clip."""
+    pretrained: str = ""
+    """open_clip pretrained tag or weights file, for a named model."""
     embed_dim: int = 64
     width: int = 128
     layers: int = 2
@@ -161,6 +165,8 @@ class PriorConfig:
     n_embd: int = 128
     text_len: int = 16
     dropout: float = 0.0
+    text_loss_weight: float = 0.0
+    """Weight of the caption-modelling loss beside the image loss (DALL-E used 1/8); 0 trains image tokens only."""
     steps: int = 600
     micro_batch_size: int = 32
     lr: float = 1e-3
@@ -181,6 +187,7 @@ class PriorConfig:
         _check(0.0 <= self.dropout < 1.0, "prior.dropout", "must be in [0, 1)")
         _check(self.lr > 0, "prior.lr", "must be > 0")
         _check(self.warmup_steps >= 0, "prior.warmup_steps", "must be >= 0")
+        _check(self.text_loss_weight >= 0, "prior.text_loss_weight", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), "prior.zero_stage", "must be 0, 1, 2 or 3")
 
 

@@ -113,7 +113,7 @@ class DVAE(nn.Module):
         # KL(q || U) = sum_k q_k (log q_k + log V), averaged over grid positions.
         kl = (log_q.exp() * (log_q + math.log(self.shape.vocab_size))).sum(1).mean()
         total = rec + kl_weight * kl
-        return total, {"loss": float(total), "recon_mse": float(rec), "kl": float(kl)}
+        return total, {"loss": total.item(), "recon_mse": rec.item(), "kl": kl.item()}
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""``python -m pipeline <stage> --config FILE [dotted.key=value ...]``; jobs/<stage>.py call ``main`` too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
+
+from pipeline.config import Config, ConfigError, load_config  # noqa: E402
+
+STAGES: dict[str, str] = {
+    "download": "URL list (parquet/csv/tsv/jsonl, local or s3://) → resized webdataset image shards, on Ray tasks",
+    "train-dvae": "train the discrete VAE on the committed image shards",
+    "train-clip": "train a small open_clip CLIP on the image shards (skipped when clip.model names one)",
+    "tokenize": "image shards → Parquet token shards (dVAE codes, CLIP embeddings, BPE ids), with Ray Data",
+    "train-prior": "train the autoregressive prior with DeepSpeed (prior.num_procs ranks, ZeRO prior.zero_stage)",
+    "sample": "captions → images: KV-cached sampling, dVAE decode, CLIP rerank; writes a sample grid",
+    "demo": "every stage on the embedded default dataset served over loopback HTTP, then a report",
+}
+
+
+def _run(stage: str, cfg: Config) -> dict[str, Any]:
+    from pipeline import stages
+
+    runners: dict[str, Callable[[Config], Any]] = {
+        "download": stages.download, "train-dvae": stages.train_dvae, "train-clip": stages.train_clip,
+        "tokenize": stages.tokenize, "train-prior": stages.train_prior, "sample": lambda c: stages.sample(c)[0],
+    }
+    if stage == "demo":
+        from pipeline.demo import run_demo
+
+        result = run_demo(cfg)
+        for name, st in result["stages"].items():
+            print(f"[demo] {name}: {st.get('wall_s', 0):.1f}s", flush=True)
+        print(f"demo ok: report={result['report']} match={result['match']:.3f} chance={result['chance']:.3f}",
+              flush=True)
+        return result
+    return runners[stage](cfg)
+
+
+def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="DALL-E style prior pipeline")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
+    for name, help_text in STAGES.items():
+        if only and name != only:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config keys")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int:
+    args = build_parser(prog).parse_args(argv)
+    # Libraries (open_clip, DeepSpeed) log chatty INFO on the root logger; the pipeline's own loggers stay at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = _run(args.stage, cfg)
+    if args.stage != "demo":
+        print(json.dumps(result, default=str))
+    return 0

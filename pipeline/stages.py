@@ -1,0 +1,166 @@
+"""One function per stage: ``Config`` in, summary dict out. The CLI and jobs/ call these and nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.config import Config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def _stamp(summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    summary["wall_s"] = round(time.time() - t0, 2)
+    return summary
+
+
+def download(cfg: Config) -> dict[str, Any]:
+    from pipeline import ray_seam
+
+    t0 = time.time()
+    ray_seam.init_ray(cfg)
+    summary = ray_seam.run_download(cfg)
+    if summary["shards_failed"]:
+        log.error("download: %d shards failed after retries: %s", len(summary["shards_failed"]),
+                  summary["shards_failed"])
+    return _stamp(summary, t0)
+
+
+def load_images(cfg: Config, limit: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
+    from pipeline.train_dvae import load_image_array
+
+    return load_image_array(cfg.path("images"), cfg.download.image_size, limit)
+
+
+def train_dvae(cfg: Config, images: np.ndarray | None = None) -> dict[str, Any]:
+    from pipeline import train_dvae as td
+
+    t0 = time.time()
+    if images is None:
+        images = load_images(cfg)[0]
+    result = td.train_dvae(cfg.dvae, images, cfg.path("dvae"), cfg.seed)
+    result["images"] = len(images)
+    return _stamp(result, t0)
+
+
+def clip_arch(cfg: Config) -> str:
+    return cfg.clip.model or f"local-dir:{os.path.abspath(cfg.path('clip'))}"
+
+
+def train_clip(cfg: Config, images: np.ndarray | None = None, captions: list[str] | None = None) -> dict[str, Any]:
+    from pipeline import clip as clip_lib
+
+    t0 = time.time()
+    if cfg.clip.model:
+        return _stamp({"skipped": f"using open_clip model {cfg.clip.model}"}, t0)
+    if images is None or captions is None:
+        images, _, captions = load_images(cfg)
+    result = clip_lib.train_clip(cfg.clip, images, captions, cfg.path("clip"), cfg.seed)
+    losses = result.pop("losses")
+    Path(cfg.path("clip"), "metrics.json").write_text(json.dumps({"losses": losses}))
+    bundle = clip_lib.load_clip(clip_arch(cfg))
+    uniq: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        uniq.setdefault(c, i)
+    pick = list(uniq.values())[:64]
+    result["retrieval_top1_64"] = clip_lib.retrieval_accuracy(bundle, images[pick], [captions[i] for i in pick])
+    return _stamp(result, t0)
+
+
+def encoder_spec(cfg: Config):
+    from pipeline.tokenize import EncoderSpec
+
+    return EncoderSpec(dvae_path=os.path.abspath(os.path.join(cfg.path("dvae"), "dvae.pt")),
+                       clip_arch=clip_arch(cfg), clip_pretrained=cfg.clip.pretrained,
+                       image_size=cfg.download.image_size)
+
+
+def tokenize(cfg: Config) -> dict[str, Any]:
+    from pipeline import ray_seam
+
+    t0 = time.time()
+    ray_seam.init_ray(cfg)
+    return _stamp(ray_seam.run_tokenize(cfg, encoder_spec(cfg)), t0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_prior(cfg: Config) -> dict[str, Any]:
+    """Run ``pipeline.train_prior`` on ``prior.num_procs`` ranks through the deepspeed launcher."""
+    import torch
+
+    t0 = time.time()
+    out = Path(cfg.path("prior"))
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "config.yaml"
+    resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [launcher, "--num_gpus", str(cfg.prior.num_procs), "--master_port", str(_free_port()),
+           "--module", "pipeline.train_prior", "--config", str(resolved)]
+    log.info("train-prior: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (out / "launcher.log").write_text(proc.stdout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("[train-prior]"):
+            print(line, file=sys.stderr, flush=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-30:])
+        raise RuntimeError(f"deepspeed launcher exited {proc.returncode}; log: {out / 'launcher.log'}\n{tail}")
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return _stamp({"ranks": cfg.prior.num_procs, "zero_stage": cfg.prior.zero_stage, "steps": cfg.prior.steps,
+                   "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
+                   "samples_per_s": metrics[-1]["samples_per_s"]}, t0)
+
+
+def heldout_captions(cfg: Config) -> list[str]:
+    path = Path(cfg.run_dir) / "dataset.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no embedded-dataset record; give sample.captions explicitly")
+    return json.loads(path.read_text())["heldout_captions"]
+
+
+def sample(cfg: Config) -> tuple[dict[str, Any], list]:
+    """Draw images for ``sample.captions`` (default: the held-out captions); write the sample grid."""
+    import torch
+
+    from pipeline import clip as clip_lib
+    from pipeline import report
+    from pipeline import sample as sample_lib
+    from pipeline.dvae import load_dvae
+    from pipeline.train_prior import load_prior
+
+    t0 = time.time()
+    captions = cfg.sample.captions or heldout_captions(cfg)[: cfg.sample.num_captions]
+    prior, meta = load_prior(os.path.join(cfg.path("prior"), "model.pt"))
+    dvae = load_dvae(meta["dvae"]["path"])
+    bundle = clip_lib.load_clip(meta["clip"]["arch"], meta["clip"]["pretrained"])
+    torch.manual_seed(cfg.sample.seed)
+    results, stats = sample_lib.draw(prior, dvae, bundle, captions, cfg.sample.candidates, cfg.sample.temperature,
+                                     cfg.sample.top_k, cfg.sample.seed)
+    out = Path(cfg.path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    report.sample_grid(results, str(out / "samples.png"))
+    try:
+        stats.update(sample_lib.faithfulness(results))
+    except ValueError as exc:  # captions from outside the embedded dataset cannot be scored from pixels
+        stats["faithfulness"] = str(exc)
+    return _stamp(stats, t0), results
