@@ -8,9 +8,9 @@ a published model. Named models (``ViT-B-32`` with a pretrained tag or file) loa
 from __future__ import annotations
 
 import hashlib
-import math
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +117,7 @@ def train_clip(cfg: ClipConfig, images: np.ndarray, captions: list[str], out_dir
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("clip step %d/%d loss %.4f (%.1f steps/s)", step + 1, cfg.steps, losses[-1],
                      (step + 1) / (time.time() - t0))

@@ -117,14 +117,18 @@ def train_prior(cfg: Config) -> dict[str, Any]:
     cmd = [launcher, "--num_gpus", str(cfg.prior.num_procs), "--master_port", str(_free_port()),
            "--module", "pipeline.train_prior", "--config", str(resolved)]
     log.info("train-prior: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    (out / "launcher.log").write_text(proc.stdout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("[train-prior]"):
-            print(line, file=sys.stderr, flush=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-30:])
-        raise RuntimeError(f"deepspeed launcher exited {proc.returncode}; log: {out / 'launcher.log'}\n{tail}")
+    with open(out / "launcher.log", "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:  # stream rank 0's progress lines live; keep everything in launcher.log
+            logf.write(line)
+            tail = (tail + [line.rstrip()])[-30:]
+            if line.startswith("[train-prior]"):
+                print(line.rstrip(), file=sys.stderr, flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"deepspeed launcher exited {code}; log: {out / 'launcher.log'}\n" + "\n".join(tail))
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return _stamp({"ranks": cfg.prior.num_procs, "zero_stage": cfg.prior.zero_stage, "steps": cfg.prior.steps,
                    "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],

@@ -95,6 +95,10 @@ def train(cfg: Config, rank: int, world: int) -> None:
         start = int(state["step"])
         if rank == 0:
             print(f"[train-prior] resumed from {out}/{tag} at step {start}", flush=True)
+        if start >= p.steps and os.path.exists(os.path.join(out, "model.pt")):
+            if rank == 0:
+                print(f"[train-prior] already trained to step {start}; nothing to do", flush=True)
+            return
     metrics = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
     t0, window, seen = time.time(), [], 0
     for step in range(start, p.steps):
@@ -102,7 +106,7 @@ def train(cfg: Config, rank: int, world: int) -> None:
         loss = engine(text[idx].to(device), image[idx].to(device))
         engine.backward(loss)
         engine.step()
-        window.append(float(loss))
+        window.append(loss.item())
         seen += p.micro_batch_size * world
         if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
             mean = torch.tensor([float(np.mean(window))])

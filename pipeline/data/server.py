@@ -7,8 +7,8 @@ Paths: ``/img/<index>.png`` serves a rendered image. Fault paths exercise the do
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 
 class ImageServer:
@@ -63,7 +63,7 @@ class ImageServer:
     def url(self, index: int) -> str:
         return f"{self.base_url}/img/{index}.png"
 
-    def start(self) -> "ImageServer":
+    def start(self) -> ImageServer:
         self._thread.start()
         return self
 
@@ -71,7 +71,7 @@ class ImageServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

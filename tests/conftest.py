@@ -1,0 +1,46 @@
+"""Shared fixtures: a local Ray cluster, the loopback image server, tiny configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.data import synth  # noqa: E402
+from pipeline.data.server import ImageServer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with 2 CPUs, shared by the tests that need one and shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_samples():
+    samples, heldout = synth.make_samples(60, 0.1, seed=0)
+    return samples, heldout
+
+
+@pytest.fixture(scope="session")
+def image_server(tiny_samples):
+    samples, _ = tiny_samples
+    with ImageServer({s.index: synth.render_png(s, 32) for s in samples}) as server:
+        yield server
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Config:
+    """configs/tiny.yaml with its run folder under tmp_path."""
+    return load_config(os.path.join(REPO, "configs", "tiny.yaml"), [f"run_dir={tmp_path / 'run'}"])

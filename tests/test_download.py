@@ -1,0 +1,88 @@
+"""Download on a real local Ray cluster from the loopback server, through img2dataset's own pieces."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from pipeline import commit, download, ray_seam, shards
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def url_list(tmp_path, server, samples, name="urls.parquet", url_col="url", caption_col="caption", bad=True):
+    urls = [server.url(s.index) for s in samples]
+    caps = [s.caption for s in samples]
+    if bad:
+        urls += [f"{server.base_url}/missing/1.png", f"{server.base_url}/garbage/2.png"]
+        caps += ["missing", "garbage"]
+    df = pd.DataFrame({url_col: urls, caption_col: caps})
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        df.to_parquet(path)
+    elif name.endswith(".csv"):
+        df.to_csv(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True)
+    return str(path)
+
+
+def cfg_for(tmp_path, inp, *extra):
+    return load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", f"download.input={inp}", *extra])
+
+
+def test_download_commits_shards_and_counts_errors(tmp_path, ray_cluster, image_server, tiny_samples):
+    samples = tiny_samples[0][:40]
+    cfg = cfg_for(tmp_path, url_list(tmp_path, image_server, samples), "download.shard_size=15")
+    summary = ray_seam.run_download(cfg)
+    assert summary["shards_committed"] == 3 and not summary["shards_failed"]
+    assert summary["count"] == 42 and summary["successes"] == 40
+    assert summary["failed_to_download"] == 1 and summary["failed_to_resize"] == 1
+    got = list(shards.iter_images(cfg.path("images"), 16))
+    assert len(got) == 40 and len({k for k, _, _ in got}) == 40
+    assert {c for _, c, _ in got} <= {s.caption for s in samples}
+    assert got[0][2].shape == (16, 16, 3)
+
+
+def test_rerun_skips_committed_and_changed_config_is_refused(tmp_path, ray_cluster, image_server, tiny_samples):
+    cfg = cfg_for(tmp_path, url_list(tmp_path, image_server, tiny_samples[0][:20], bad=False))
+    ray_seam.run_download(cfg)
+    out = cfg.path("images")
+    mtimes = {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)}
+    before = image_server.requests
+    summary = ray_seam.run_download(cfg)
+    assert image_server.requests == before, "a rerun fetched again"
+    assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == mtimes
+    assert summary["successes"] == 20
+    changed = cfg_for(tmp_path, cfg.download.input, "download.shard_size=7")
+    with pytest.raises(commit.RunMismatchError, match="shard_size: 50 -> 7"):
+        ray_seam.run_download(changed)
+    assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == mtimes
+
+
+@pytest.mark.parametrize("name", ["laion.csv", "laion.jsonl"])
+def test_laion_columns_and_text_formats(tmp_path, ray_cluster, image_server, tiny_samples, name):
+    inp = url_list(tmp_path, image_server, tiny_samples[0][:10], name=name, url_col="URL", caption_col="TEXT",
+                   bad=False)
+    cfg = cfg_for(tmp_path, inp, "download.url_col=URL", "download.caption_col=TEXT")
+    assert ray_seam.run_download(cfg)["successes"] == 10
+    marker = json.loads((tmp_path / "run" / "images" / "00000.done.json").read_text())
+    assert marker["successes"] == 10 and "00000.tar" in marker["files"]
+
+
+def test_bad_input_names_file_and_reason(tmp_path, image_server, tiny_samples):
+    inp = url_list(tmp_path, image_server, tiny_samples[0][:3], bad=False)
+    with pytest.raises(download.InputError, match=r"urls.parquet: column .*nope.* not found"):
+        download.plan_shards(cfg_for(tmp_path, inp, "download.url_col=nope").download, [inp], set(),
+                             str(tmp_path / "tmp"))
+    (tmp_path / "list.xlsx").write_text("x")
+    with pytest.raises(download.InputError, match="list.xlsx: unsupported URL list format"):
+        download.expand_input(str(tmp_path / "list.xlsx"))
+    with pytest.raises(download.InputError, match="no such file"):
+        download.expand_input(str(tmp_path / "absent.parquet"))
+    (tmp_path / "broken.csv").write_text('url,caption\n"unterminated,\n')
+    with pytest.raises(download.InputError, match="broken.csv"):
+        download.plan_shards(cfg_for(tmp_path, "x").download, [str(tmp_path / "broken.csv")], set(),
+                             str(tmp_path / "tmp"))

@@ -1,0 +1,84 @@
+"""The demo pipeline end to end on configs/tiny.yaml, as a user runs it (a subprocess, real Ray, real DeepSpeed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import commit, schema, shards
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--config", "configs/tiny.yaml",
+                           f"run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc.stdout + proc.stderr
+
+
+def test_demo_prints_ok_line_and_stage_times(demo_run):
+    run, out = demo_run
+    last = [line for line in out.splitlines() if line.startswith("demo ok:")]
+    assert last, out[-2000:]
+    assert f"report={run}/report/report.md" in last[0] and "chance=0.125" in last[0]
+    for stage in ("download", "train-dvae", "train-clip", "tokenize", "train-prior", "sample"):
+        assert f"[demo] {stage}:" in out
+
+
+def test_rows_and_keys_agree_across_stages(demo_run):
+    run, _ = demo_run
+    image_keys = [k for k, _, _ in shards.iter_images(str(run / "images"), 16)]
+    assert len(image_keys) == 120  # every served image downloaded
+    table, meta = schema.read_token_shards(str(run / "tokens"))
+    assert sorted(table.column("key").to_pylist()) == sorted(image_keys)
+    fs, folder = commit.fs_and_path(str(run / "tokens"))
+    assert sorted(commit.committed_shards(fs, folder)) == [0, 1, 2]
+    assert meta["grid"] == 8 and table.schema.field("image_tokens").type.list_size == 64
+    caps = dict(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
+    img_caps = {k: c for k, c, _ in shards.iter_images(str(run / "images"), 16)}
+    assert caps == img_caps
+    sims = table.column("clip_similarity").to_pylist()
+    assert all(-1.01 <= s <= 1.01 for s in sims)
+    t = pq.read_table(run / "tokens" / "00000.parquet")
+    assert t.schema.field("clip_text_emb").type.value_type.bit_width == 16
+
+
+def test_prior_loss_finite_and_decreasing(demo_run):
+    run, _ = demo_run
+    rows = [json.loads(x) for x in (run / "prior" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    assert all(l == l and l < 1e4 for l in losses)  # finite
+    assert losses[-1] < losses[0] * 0.9
+    assert (run / "prior" / "latest_complete").read_text().strip() == "step00000040"
+    assert (run / "prior" / "step00000040" / "complete.json").exists()
+
+
+def test_report_has_pictures_and_figures(demo_run):
+    run, _ = demo_run
+    report = run / "report"
+    for png in ("samples.png", "dvae_reconstructions.png", "loss_curves.png"):
+        data = (report / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    md = (report / "report.md").read_text()
+    assert "samples.png" in md and "| train-prior |" in md
+    scores = json.loads((report / "report.json").read_text())["scores"]
+    assert 0.0 <= scores["match"] <= 1.0 and scores["scored"] == 4
+
+
+def test_tokenize_rerun_is_exactly_once(demo_run):
+    run, _ = demo_run
+    tokens = run / "tokens"
+    before = {p.name: p.stat().st_mtime_ns for p in tokens.iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "tokenize", "--config", "configs/tiny.yaml",
+                           f"run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["shards_written"] == 0 and summary["shards_skipped"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in tokens.iterdir()} == before
