@@ -100,6 +100,7 @@ def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int], tmp_dir: 
     plans: list[ShardPlan] = []
     next_id = 0
     for f in files:
+        _check_columns(f, cfg)
         try:
             reader = Reader(f, input_format(f), cfg.url_col, cfg.caption_col or None, None, None, None,
                             cfg.shard_size, done, tmp_dir, next_id)
@@ -111,6 +112,23 @@ def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int], tmp_dir: 
         plans += [ShardPlan(sid, path) for sid, path in shards]
         next_id += count
     return sorted(plans, key=lambda p: p.shard_id)
+
+
+def _check_columns(path: str, cfg: DownloadConfig) -> None:
+    """Name a missing url/caption column before img2dataset's reader fails on it less clearly."""
+    if input_format(path) != "parquet":
+        return  # text formats: img2dataset raises KeyError, turned into the same message by plan_shards
+    import pyarrow.parquet as pq
+
+    fs, p = commit.fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            names = pq.read_schema(f).names
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
+    for key, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
+        if col and col not in names:
+            raise InputError(f"{path}: column '{col}' not found (set download.{key}; columns: {', '.join(names)})")
 
 
 def make_downloader(cfg: DownloadConfig, output: str, caption: bool = True) -> Downloader:

@@ -118,19 +118,24 @@ class DalleTransformer(nn.Module):
             new_cache.append(kv)
         return self.ln_f(x), new_cache
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """text (B, T) padded ids, image (B, N) codes → (image logits (B, N, Vi), text logits (B, T-1, Vt))."""
+    def forward(self, text: torch.Tensor, image: torch.Tensor,
+                with_text: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """text (B, T) padded ids, image (B, N) codes → (image logits (B, N, Vi), text logits (B, T-1, Vt)).
+
+        ``with_text=False`` skips the text logits: over a 49k BPE vocabulary they cost more than the whole image
+        head, and the image-only loss does not need them.
+        """
         x = torch.cat([self._embed_text(text), self._embed_image(image[:, :-1])], dim=1)  # (B, T+N-1, C)
         h, _ = self._run(x)
         T = self.shape.text_len
         image_logits = self.image_head(h[:, T - 1:])
-        text_logits = h[:, : T - 1] @ self.text_emb.weight.T
+        text_logits = h[:, : T - 1] @ self.text_emb.weight.T if with_text else None
         return image_logits, text_logits
 
     def loss(self, text: torch.Tensor, image: torch.Tensor, text_loss_weight: float = 0.0) -> torch.Tensor:
-        image_logits, text_logits = self(text, image)
+        image_logits, text_logits = self(text, image, with_text=text_loss_weight > 0)
         loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), image.reshape(-1))
-        if text_loss_weight > 0:
+        if text_logits is not None:
             t_loss = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), text[:, 1:].reshape(-1))
             loss = (loss + text_loss_weight * t_loss) / (1 + text_loss_weight)
         return loss
@@ -158,7 +163,7 @@ class DalleTransformer(nn.Module):
         B, N = text.shape[0], self.shape.image_len
         out = torch.zeros(B, N, dtype=torch.long, device=text.device)
         for j in range(N):
-            image_logits, _ = self(text, out[:, : j + 1])  # out[:, j] is a placeholder the forward drops
+            image_logits, _ = self(text, out[:, : j + 1], with_text=False)  # out[:, j]: placeholder, dropped
             out[:, j] = _sample(image_logits[:, j], temperature, top_k, generator)
         return out
 
