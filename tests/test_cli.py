@@ -28,3 +28,12 @@ def test_job_scripts_take_the_same_arguments(job):
     proc = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "--config" in proc.stdout and "dotted.key=value" in proc.stdout
+
+
+def test_cluster_config_is_a_consistent_ray_up_file():
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(REPO, "cluster", "config.yaml")))
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    assert sum(t.get("max_workers", 0) for t in cfg["available_node_types"].values()) <= cfg["max_workers"]
+    assert any("pip install" in c for c in cfg["setup_commands"])
