@@ -20,9 +20,9 @@ from pipeline.data.server import ImageServer
 log = logging.getLogger(__name__)
 
 
-def prepare_dataset(cfg: Config, server: ImageServer) -> tuple[str, list[str]]:
-    """Write the URL list (Parquet: url, caption) and the dataset record; return the list path and held-out captions."""
-    samples, heldout = synth.make_samples(cfg.data.num_images, cfg.data.heldout_fraction, cfg.seed)
+def prepare_dataset(cfg: Config, server: ImageServer, samples: list[synth.Sample],
+                    heldout: list[str]) -> str:
+    """Write the URL list (Parquet: url, caption) and the dataset record; return the list's path."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     urls = run / "urls.parquet"
@@ -30,7 +30,7 @@ def prepare_dataset(cfg: Config, server: ImageServer) -> tuple[str, list[str]]:
     pq.write_table(table, urls)
     (run / "dataset.json").write_text(json.dumps({"num_images": len(samples), "heldout_captions": heldout,
                                                   "heldout_fraction": cfg.data.heldout_fraction}, indent=1))
-    return str(urls), heldout
+    return str(urls)
 
 
 def _print_stage(name: str, summary: dict[str, Any]) -> None:
@@ -44,10 +44,10 @@ def run_demo(cfg: Config) -> dict[str, Any]:
 
     t_all = time.time()
     summaries: dict[str, dict[str, Any]] = {}
-    samples, _ = synth.make_samples(cfg.data.num_images, cfg.data.heldout_fraction, cfg.seed)
+    samples, heldout = synth.make_samples(cfg.data.num_images, cfg.data.heldout_fraction, cfg.seed)
     pngs = {s.index: synth.render_png(s, cfg.data.render_size) for s in samples}
     with ImageServer(pngs) as server:
-        urls, heldout = prepare_dataset(cfg, server)
+        urls = prepare_dataset(cfg, server, samples, heldout)
         if not cfg.download.input:
             cfg.download.input = urls
         print(f"[demo] serving {len(pngs)} images at {server.base_url}; URL list {urls}", flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -158,11 +157,6 @@ def _empty_rows(metadata: dict[str, Any]) -> dict[str, Any]:
     rows["clip_image_emb"] = rows["clip_text_emb"] = np.zeros((0, metadata["embed_dim"]), np.float16)
     rows["clip_similarity"] = np.zeros(0, np.float32)
     return rows
-
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    t0 = time.time()
-    return fn(*args, **kwargs), time.time() - t0
 
 
 def shutdown() -> None:
