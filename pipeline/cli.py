@@ -53,6 +53,9 @@ def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> a
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config keys")
+        if name == "download":
+            p.add_argument("--retry-failed", action="store_true",
+                           help="re-fetch only the rows that failed transiently, into new shards")
     return parser
 
 
@@ -61,12 +64,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int
     # Libraries (open_clip, DeepSpeed) log chatty INFO on the root logger; the pipeline's own loggers stay at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    overrides = list(args.overrides) + (["download.retry_failed=true"] if getattr(args, "retry_failed", False) else [])
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = _run(args.stage, cfg)
+    from pipeline.commit import RunMismatchError
+    from pipeline.download import InputError
+
+    try:
+        result = _run(args.stage, cfg)
+    except (InputError, RunMismatchError) as exc:  # bad input / changed settings: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.stage != "demo":
         print(json.dumps(result, default=str))
     return 0

@@ -60,20 +60,46 @@ class DownloadConfig:
     encode_quality: int = 95
     thread_count: int = 16
     timeout: float = 10.0
-    retries: int = 0
-    """Per-URL retries inside img2dataset's downloader."""
+    """Bound on one connect or one socket read, in seconds."""
+    deadline: float = 30.0
+    """Bound on the whole fetch of one URL (redirects, retries and waits included), in seconds."""
+    retries: int = 2
+    """Extra attempts per URL after a transient failure (5xx, 429, reset, truncated), inside the deadline."""
     shard_retries: int = 2
     """Whole-shard retries after a shard task failed."""
     max_in_flight: int = 4
     """Shard tasks submitted at once (backpressure)."""
+    max_bytes: int = 32 * 1024 * 1024
+    """Body size cap per URL."""
+    max_redirects: int = 5
+    max_pixels: int = 50_000_000
+    """Pixel cap, checked from the image header before decoding (decompression bombs)."""
+    min_image_size: int = 0
+    """Drop images whose shorter side is smaller (0: keep all)."""
+    max_aspect_ratio: float = 0.0
+    """Drop images whose long/short side ratio is larger (0: no limit)."""
+    max_caption_bytes: int = 4096
+    drop_empty_captions: bool = True
+    honor_opt_out: bool = True
+    """Skip images served with X-Robots-Tag noai / noimageai."""
+    dedup_urls: bool = True
+    """A URL seen earlier in the input becomes a duplicate_url row instead of a second download."""
+    dedup_images: bool = True
+    """An image whose bytes (sha256) were already kept in this run becomes a duplicate_image row."""
     allow_private_addresses: bool = False
+    """Let URLs reach loopback/private/link-local addresses (tests, internal mirrors). Off: SSRF guard."""
+    allowed_addresses: list[str] = field(default_factory=list)
+    """Exceptions to the SSRF guard: CIDR ('10.1.0.0/16'), 'ip:port' or '[v6]:port'."""
+    retry_failed: bool = False
+    """Re-fetch only rows that failed transiently, into new shards (`python -m pipeline download --retry-failed`)."""
 
     def __post_init__(self) -> None:
         _check(self.shard_size > 0, "download.shard_size", "must be > 0")
         _check(self.image_size >= 8, "download.image_size", "must be >= 8")
         _check(self.resize_mode in {"no", "border", "keep_ratio", "center_crop"}, "download.resize_mode",
                "must be one of no, border, keep_ratio, center_crop")
-        _check(self.output_format in {"webdataset"}, "download.output_format", "must be 'webdataset'")
+        _check(self.output_format in {"webdataset", "parquet"}, "download.output_format",
+               "must be 'webdataset' or 'parquet'")
         _check(self.encode_format in {"jpg", "png", "webp"}, "download.encode_format", "must be jpg, png or webp")
         _check(1 <= self.encode_quality <= 100, "download.encode_quality", "must be in [1, 100]")
         _check(self.thread_count > 0, "download.thread_count", "must be > 0")
@@ -81,6 +107,20 @@ class DownloadConfig:
         _check(self.retries >= 0, "download.retries", "must be >= 0")
         _check(self.shard_retries >= 0, "download.shard_retries", "must be >= 0")
         _check(self.max_in_flight > 0, "download.max_in_flight", "must be > 0")
+        _check(self.deadline > 0, "download.deadline", "must be > 0")
+        _check(self.max_bytes > 0, "download.max_bytes", "must be > 0")
+        _check(self.max_redirects >= 0, "download.max_redirects", "must be >= 0")
+        _check(self.max_pixels > 0, "download.max_pixels", "must be > 0")
+        _check(self.min_image_size >= 0, "download.min_image_size", "must be >= 0")
+        _check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1, "download.max_aspect_ratio",
+               "must be 0 (no limit) or >= 1")
+        _check(self.max_caption_bytes > 0, "download.max_caption_bytes", "must be > 0")
+        from pipeline.fetch import AddressPolicy  # the entries' syntax lives with the guard that uses it
+
+        try:
+            AddressPolicy(False, self.allowed_addresses)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'download.allowed_addresses': {exc}") from exc
 
 
 @dataclass

@@ -50,6 +50,9 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         urls = prepare_dataset(cfg, server, samples, heldout)
         if not cfg.download.input:
             cfg.download.input = urls
+        # The SSRF guard stays on; only this loopback server's own address:port is let through.
+        host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+        cfg.download.allowed_addresses = [*cfg.download.allowed_addresses, f"{host}:{port}"]
         print(f"[demo] serving {len(pngs)} images at {server.base_url}; URL list {urls}", flush=True)
         summaries["download"] = stages.download(cfg)
         summaries["download"]["http_requests"] = server.requests

@@ -1,30 +1,29 @@
-"""URL list → resized image shards, one shard at a time, with img2dataset's own reader/resizer/downloader/writer.
+"""URL list → shard plans: input files found and checked, split by img2dataset's Reader, duplicate URLs found.
 
-This module is the per-shard logic; ``pipeline.ray_seam`` schedules it as Ray tasks. What it adds around
-img2dataset: a shard is committed only after its files are written (marker last, see ``pipeline.commit``), a rerun
-skips committed shards, and changed settings are refused before any write.
+``pipeline.download_shard`` turns one plan into one committed shard; ``pipeline.ray_seam`` schedules the plans as Ray
+tasks. What this adds around img2dataset's Reader: errors that name the file (and row, for non-UTF-8 text), settings
+fingerprinted by content so a changed list is refused before any write, and run-wide URL de-duplication decided here,
+once, in input order, so every rerun makes the same decision.
 """
 
 from __future__ import annotations
 
 import glob as globlib
-import json
-import os
-from dataclasses import dataclass
+import math
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from img2dataset.reader import Reader
 
-from img2dataset.downloader import Downloader  # noqa: E402
-from img2dataset.reader import Reader  # noqa: E402
-from img2dataset.resizer import Resizer  # noqa: E402
-from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
-
-from pipeline import commit  # noqa: E402
-from pipeline.config import DownloadConfig  # noqa: E402
+from pipeline import commit
+from pipeline.config import DownloadConfig
+from pipeline.download_shard import OOM_SHARD_COUNT, ShardPlan
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
-OOM_SHARD_COUNT = 5  # shard names are {shard:05d}, the same in images/ and tokens/
 
 
 class InputError(ValueError):
@@ -76,50 +75,125 @@ def _supported(path: str) -> bool:
 
 
 def shard_settings(cfg: DownloadConfig, files: list[str]) -> dict[str, Any]:
-    """What shapes the shards' content; a rerun with different values is refused."""
-    sizes = {}
-    for f in files:
-        fs, p = commit.fs_and_path(f)
-        sizes[f] = fs.size(p)
+    """What shapes the shards' content; a rerun with different values is refused before any write.
+
+    Input files are fingerprinted by content (sha256), so a reordered or edited list is caught, not just a resized one.
+    Network knobs (threads, timeouts, retries) are left out: changing them on resume is fine.
+    """
     return {
-        "input_files": sizes, "url_col": cfg.url_col, "caption_col": cfg.caption_col,
+        "input_files": {f: _content_hash(f) for f in files}, "url_col": cfg.url_col, "caption_col": cfg.caption_col,
         "shard_size": cfg.shard_size, "image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
         "output_format": cfg.output_format, "encode_format": cfg.encode_format, "encode_quality": cfg.encode_quality,
+        "filters": {k: getattr(cfg, k) for k in ("max_pixels", "min_image_size", "max_aspect_ratio",
+                                                  "max_caption_bytes", "drop_empty_captions", "honor_opt_out",
+                                                  "dedup_urls", "dedup_images")},
     }
 
 
-@dataclass
-class ShardPlan:
-    shard_id: int
-    arrow_path: str
+def _content_hash(path: str) -> str:
+    fs, p = commit.fs_and_path(path)
+    try:
+        return commit.sha256_file(fs, p)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read URL list ({exc})") from exc
 
 
-def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int], tmp_dir: str) -> list[ShardPlan]:
-    """Split the URL list into shards with img2dataset's Reader, skipping ``done`` shard ids."""
-    os.makedirs(tmp_dir, exist_ok=True)
+def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int],
+                plan_dir: str) -> tuple[list[ShardPlan], int]:
+    """Split the URL list into shards with img2dataset's Reader (arrow files in ``plan_dir``), skipping ``done``.
+
+    Returns the plans still to run and the number of shards the whole list makes.
+
+    ``plan_dir`` should sit beside the output (local or s3://) so every node of a cluster can read the plans.
+    """
+    fs, pd_path = commit.fs_and_path(plan_dir)
+    fs.makedirs(pd_path, exist_ok=True)
     plans: list[ShardPlan] = []
     next_id = 0
+    dups: dict[int, dict[int, str]] = {}
+    hashes: list[tuple[int, np.ndarray]] = []
     for f in files:
         _check_columns(f, cfg)
         try:
             reader = Reader(f, input_format(f), cfg.url_col, cfg.caption_col or None, None, None, None,
-                            cfg.shard_size, done, tmp_dir, next_id)
+                            cfg.shard_size, done, plan_dir, next_id)
             shards, count = reader._save_to_arrow(f, next_id)  # one file at a time keeps ids contiguous
         except KeyError as exc:
             raise InputError(f"{f}: column {exc} not found (set download.url_col / download.caption_col)") from exc
-        except Exception as exc:  # noqa: BLE001 — surface pandas/pyarrow parse errors with the file name
-            raise InputError(f"{f}: cannot read URL list ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # noqa: BLE001 — surface pandas/pyarrow parse errors with the file name and row
+            raise InputError(f"{f}: cannot read URL list ({type(exc).__name__}: {exc}){_bad_utf8_line(f)}") from exc
+        if cfg.dedup_urls:
+            hashes.append((next_id, _url_hashes(f, cfg)))
         plans += [ShardPlan(sid, path) for sid, path in shards]
         next_id += count
-    return sorted(plans, key=lambda p: p.shard_id)
+    if cfg.dedup_urls:
+        dups = duplicate_urls(hashes, cfg.shard_size)
+    for plan in plans:
+        plan.duplicates = dups.get(plan.shard_id, {})
+    return sorted(plans, key=lambda p: p.shard_id), next_id
+
+
+def _url_hashes(path: str, cfg: DownloadConfig) -> np.ndarray:
+    """64-bit hashes of the URL column, in row order (the Reader's order)."""
+    import pandas as pd
+
+    fs, p = commit.fs_and_path(path)
+    fmt = input_format(path)
+    with fs.open(p, "rb", compression="gzip" if fmt.endswith(".gz") else None) as f:
+        if fmt == "parquet":
+            col = pq.read_table(f, columns=[cfg.url_col]).column(0)
+        elif fmt.startswith(("csv", "tsv")):
+            parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",")
+            col = pa_csv.read_csv(f, parse_options=parse,
+                                  convert_options=pa_csv.ConvertOptions(include_columns=[cfg.url_col])).column(0)
+        elif fmt.startswith("jsonl"):
+            col = pa_json.read_json(f).column(cfg.url_col)
+        else:  # json arrays: the Reader itself goes through pandas
+            col = pa.array(pd.read_json(f)[cfg.url_col].tolist())
+    urls = np.asarray(col.to_pylist(), dtype=object)
+    return pd.util.hash_array(urls.astype(str)).astype(np.uint64)
+
+
+def duplicate_urls(hashes: list[tuple[int, np.ndarray]], shard_size: int) -> dict[int, dict[int, str]]:
+    """shard id → {row index: key of the first row with that URL}; first in input order wins (rerun-stable)."""
+    from img2dataset.downloader import compute_key
+
+    if not hashes:
+        return {}
+    shard_of = np.concatenate([start + np.arange(len(h)) // shard_size for start, h in hashes])
+    row_of = np.concatenate([np.arange(len(h)) % shard_size for _, h in hashes])
+    _, first, inverse = np.unique(np.concatenate([h for _, h in hashes]), return_index=True, return_inverse=True)
+    owner = first[inverse]
+    oom = math.ceil(math.log10(shard_size)) if shard_size > 1 else 1
+    out: dict[int, dict[int, str]] = {}
+    for i in np.nonzero(owner != np.arange(len(owner)))[0]:
+        j = owner[i]
+        out.setdefault(int(shard_of[i]), {})[int(row_of[i])] = compute_key(int(row_of[j]), int(shard_of[j]), oom,
+                                                                            OOM_SHARD_COUNT)
+    return out
+
+
+def _bad_utf8_line(path: str) -> str:
+    """' (first non-UTF-8 bytes at line N)' when that is why a text list failed to parse, else ''."""
+    if input_format(path).startswith("parquet"):
+        return ""
+    fs, p = commit.fs_and_path(path)
+    try:
+        with fs.open(p, "rb", compression="gzip" if path.endswith(".gz") else None) as f:
+            for n, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f" (row {n - 1}, line {n}: bytes that are not UTF-8 at column {exc.start})"
+    except OSError:
+        return ""
+    return ""
 
 
 def _check_columns(path: str, cfg: DownloadConfig) -> None:
     """Name a missing url/caption column before img2dataset's reader fails on it less clearly."""
     if input_format(path) != "parquet":
         return  # text formats: img2dataset raises KeyError, turned into the same message by plan_shards
-    import pyarrow.parquet as pq
-
     fs, p = commit.fs_and_path(path)
     try:
         with fs.open(p, "rb") as f:
@@ -129,42 +203,3 @@ def _check_columns(path: str, cfg: DownloadConfig) -> None:
     for key, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
         if col and col not in names:
             raise InputError(f"{path}: column '{col}' not found (set download.{key}; columns: {', '.join(names)})")
-
-
-def make_downloader(cfg: DownloadConfig, output: str, caption: bool = True) -> Downloader:
-    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
-                      encode_quality=cfg.encode_quality, encode_format=cfg.encode_format)
-    columns = (["caption"] if caption else []) + ["url"]
-    return Downloader(
-        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.thread_count,
-        save_caption=caption, extract_exif=False, output_folder=output, column_list=columns, timeout=cfg.timeout,
-        number_sample_per_shard=cfg.shard_size, oom_shard_count=OOM_SHARD_COUNT, compute_hash="sha256",
-        verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries, user_agent_token=None,
-        disallowed_header_directives=None,
-    )
-
-
-def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: int) -> dict[str, Any]:
-    """Download, resize and write one shard, then commit it. Raises on failure (the caller retries)."""
-    fs, out = commit.fs_and_path(output)
-    # img2dataset deletes its input arrow file when done; work on a copy so a retry still has the original.
-    work_copy = f"{plan.arrow_path}.attempt{attempt}"
-    with open(plan.arrow_path, "rb") as src, open(work_copy, "wb") as dst:
-        dst.write(src.read())
-    downloader = make_downloader(cfg, output)
-    downloader.download_shard((plan.shard_id, work_copy))
-    name = f"{plan.shard_id:05d}"
-    with fs.open(f"{out}/{name}_stats.json", "rb") as f:
-        stats = json.loads(f.read())
-    files = {}
-    for suffix in (".tar", ".parquet", "_stats.json"):
-        path = f"{out}/{name}{suffix}"
-        files[name + suffix] = {"bytes": fs.size(path), "sha256": commit.sha256_file(fs, path)}
-    manifest = {
-        "shard_id": plan.shard_id, "count": stats["count"], "successes": stats["successes"],
-        "failed_to_download": stats["failed_to_download"], "failed_to_resize": stats["failed_to_resize"],
-        "errors": stats["status_dict"], "files": files, "attempt": attempt,
-    }
-    commit.write_marker(fs, out, plan.shard_id, manifest)
-    os.remove(plan.arrow_path)
-    return manifest

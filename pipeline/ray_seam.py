@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -34,35 +35,83 @@ def init_ray(cfg: Config) -> None:
     ctx.enable_progress_bars = False
 
 
+@ray.remote(num_cpus=0)
+class ShaRegistry:
+    """Run-wide first owner of each image sha256 (duplicate-image filter). Seeded from committed shards on resume.
+
+    One actor holds every kept image's sha prefix; at LAION scale (10^8 images) that is a few GB, so shard it by
+    prefix when you get there.
+    """
+
+    def __init__(self) -> None:
+        self.owner: dict[int, str] = {}
+
+    def claim(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
+        return {sha: self.owner.setdefault(int(sha[:16], 16), key) for sha, key in pairs}
+
+
 @ray.remote(num_cpus=1, max_retries=2)  # max_retries: the worker process died (OOM, node loss)
-def _download_task(dcfg, output: str, plan: download.ShardPlan, attempt: int) -> dict[str, Any]:
-    return download.download_shard(dcfg, output, plan, attempt)
+def _download_task(dcfg, output: str, plan, attempt: int, registry) -> dict[str, Any]:
+    from pipeline.download_shard import download_shard
+
+    return download_shard(dcfg, output, plan, attempt, lambda pairs: ray.get(registry.claim.remote(pairs)))
+
+
+def _passthrough_env() -> dict[str, Any]:
+    """Object-store credentials/endpoints the driver was given, so shard tasks on any worker see the same S3."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_"))}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def run_download(cfg: Config) -> dict[str, Any]:
-    """Every shard of the URL list downloaded and committed, or reported failed. Returns the run summary."""
+    """Every shard of the URL list (or, with download.retry_failed, of a retry round) committed or reported failed."""
+    from pipeline import download_runs
+
     dcfg = cfg.download
     output = cfg.path("images")
     files = download.expand_input(dcfg.input)
     fs, out = commit.fs_and_path(output)
-    commit.claim_run(fs, out, "download", download.shard_settings(dcfg, files))
+    commit.claim_run(fs, out, "download", download.shard_settings(dcfg, files))  # refuses a changed config, first
     done = set(commit.committed_shards(fs, out))
-    tmp_dir = os.path.join(cfg.run_dir, "_tmp", "download")
-    plans = download.plan_shards(dcfg, files, done, tmp_dir)
+    plan_dir = f"{output.rstrip('/')}/_plan"
+    plans, total = download.plan_shards(dcfg, files, done, plan_dir)
+    if dcfg.retry_failed:
+        if plans:
+            raise RuntimeError(f"download.retry_failed: {len(plans)} shards of the URL list are not committed yet; "
+                               "finish the run first (rerun without retry_failed)")
+        plans = download_runs.plan_retry_round(output, plan_dir, dcfg.shard_size, total)
     log.info("download: %d shards to fetch, %d already committed", len(plans), len(done))
+    registry = ShaRegistry.remote()
+    if dcfg.dedup_images and done:
+        ray.get(registry.claim.remote(download_runs.kept_images(output)))
+    t0 = time.time()
+    failed, manifests = _run_shards(cfg, output, plans, registry)
+    seconds = time.time() - t0
+    ok = sum(m["successes"] for m in manifests)
+    run = {"shards": len(manifests), "rows": sum(m["count"] for m in manifests), "successes": ok,
+           "seconds": round(seconds, 3), "images_per_s": round(ok / seconds, 2) if seconds > 0 else 0.0,
+           "bytes_downloaded": sum(m["bytes_downloaded"] for m in manifests), "retry_failed": dcfg.retry_failed}
+    return download_runs.summarize(output, failed, run)
+
+
+def _run_shards(cfg: Config, output: str, plans: list, registry) -> tuple[dict[int, str], list[dict[str, Any]]]:
+    """Bounded in-flight shard tasks; a failed shard is retried ``shard_retries`` times, then reported."""
+    dcfg = cfg.download
+    fs, _ = commit.fs_and_path(output)
     progress = Progress("download", total=len(plans), unit="shards")
-    pending: dict[ray.ObjectRef, tuple[download.ShardPlan, int]] = {}
+    task = _download_task.options(**_passthrough_env())
+    pending: dict[ray.ObjectRef, tuple[Any, int]] = {}
     queue = [(p, 0) for p in plans]
     failed: dict[int, str] = {}
+    manifests = []
     while queue or pending:
         while queue and len(pending) < dcfg.max_in_flight:  # backpressure: bounded in-flight shards
             plan, attempt = queue.pop(0)
-            pending[_download_task.remote(dcfg, output, plan, attempt)] = (plan, attempt)
+            pending[task.remote(dcfg, output, plan, attempt, registry)] = (plan, attempt)
         ready, _ = ray.wait(list(pending), num_returns=1)
         plan, attempt = pending.pop(ready[0])
         try:
             manifest = ray.get(ready[0])
-            progress.update(1, f"shard {plan.shard_id:05d}: {manifest['successes']}/{manifest['count']} ok")
         except Exception as exc:  # noqa: BLE001 — a shard failure is retried, then reported, never dropped
             if attempt < dcfg.shard_retries:
                 log.warning("shard %05d attempt %d failed (%s); retrying", plan.shard_id, attempt + 1, exc)
@@ -70,25 +119,12 @@ def run_download(cfg: Config) -> dict[str, Any]:
             else:
                 failed[plan.shard_id] = f"{type(exc).__name__}: {exc}"
                 progress.update(1, f"shard {plan.shard_id:05d} FAILED")
+            continue
+        manifests.append(manifest)
+        fs.rm(commit.fs_and_path(plan.arrow_path)[1])  # the plan is spent once its shard is committed
+        progress.update(1, f"shard {plan.shard_id:05d}: {manifest['successes']}/{manifest['count']} ok")
     progress.close()
-    return summarize_download(output, failed)
-
-
-def summarize_download(output: str, failed: dict[int, str]) -> dict[str, Any]:
-    fs, out = commit.fs_and_path(output)
-    committed = commit.committed_shards(fs, out)
-    errors: dict[str, int] = defaultdict(int)
-    for m in committed.values():
-        for reason, n in m["errors"].items():
-            if reason != "success":
-                errors[reason] += n
-    return {
-        "shards_committed": len(committed), "shards_failed": {f"{k:05d}": v for k, v in failed.items()},
-        "count": sum(m["count"] for m in committed.values()),
-        "successes": sum(m["successes"] for m in committed.values()),
-        "failed_to_download": sum(m["failed_to_download"] for m in committed.values()),
-        "failed_to_resize": sum(m["failed_to_resize"] for m in committed.values()), "errors": dict(errors),
-    }
+    return failed, manifests
 
 
 def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:

@@ -26,9 +26,11 @@ def committed_image_shards(folder: str) -> dict[int, dict[str, Any]]:
 
 
 def read_shard_samples(folder: str, shard_id: int) -> list[dict[str, Any]]:
-    """Every successful sample of a shard: key, image bytes, caption and img2dataset's json metadata."""
+    """Every successful sample of a shard: key, image bytes, caption and its json metadata (tar or Parquet output)."""
     fs, path = commit.fs_and_path(folder)
     tar_path = f"{path}/{shard_id:05d}.tar"
+    if not fs.exists(tar_path):
+        return _read_parquet_shard(fs, f"{path}/{shard_id:05d}.parquet", shard_id)
     grouped: dict[str, dict[str, bytes]] = {}
     with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r") as tar:
         for member in tar.getmembers():
@@ -50,6 +52,25 @@ def read_shard_samples(folder: str, shard_id: int) -> list[dict[str, Any]]:
         caption = parts["txt"].decode("utf-8") if "txt" in parts else (meta.get("caption") or "")
         samples.append({"key": key, "image": image, "caption": caption, "meta": meta, "shard_id": shard_id})
     return samples
+
+
+def _read_parquet_shard(fs: Any, pq_path: str, shard_id: int) -> list[dict[str, Any]]:
+    """download.output_format=parquet: one row per input row, image bytes in the encode-format column."""
+    import pyarrow.parquet as pq
+
+    with fs.open(pq_path, "rb") as f:
+        table = pq.read_table(f)
+    col = next((e for e in IMAGE_EXTS if e in table.column_names), None)
+    if col is None:
+        raise ValueError(f"{pq_path}: no image column (one of {IMAGE_EXTS}) in {table.column_names}")
+    samples = []
+    for row in table.to_pylist():
+        if row[col] is None:
+            continue  # a row that failed or was filtered: metadata only
+        meta = {k: v for k, v in row.items() if k not in (col, "txt")}
+        samples.append({"key": row["key"], "image": row[col], "caption": row.get("txt") or row.get("caption") or "",
+                        "meta": meta, "shard_id": shard_id})
+    return sorted(samples, key=lambda s: s["key"])
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:

@@ -29,8 +29,15 @@ def url_list(tmp_path, server, samples, name="urls.parquet", url_col="url", capt
     return str(path)
 
 
+def shard_mtimes(out):
+    """Committed shard files and _run.json (the per-run _summary.json is rewritten by design)."""
+    return {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)
+            if not p.startswith("_") or p == "_run.json"}
+
+
 def cfg_for(tmp_path, inp, *extra):
-    return load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", f"download.input={inp}", *extra])
+    return load_config("configs/tiny.yaml", [f"run_dir={tmp_path / 'run'}", f"download.input={inp}",
+                                             "download.allow_private_addresses=true", *extra])
 
 
 def test_download_commits_shards_and_counts_errors(tmp_path, ray_cluster, image_server, tiny_samples):
@@ -40,6 +47,7 @@ def test_download_commits_shards_and_counts_errors(tmp_path, ray_cluster, image_
     assert summary["shards_committed"] == 3 and not summary["shards_failed"]
     assert summary["count"] == 42 and summary["successes"] == 40
     assert summary["failed_to_download"] == 1 and summary["failed_to_resize"] == 1
+    assert summary["codes"] == {"ok": 40, "http_4xx": 1, "not_an_image": 1}
     got = list(shards.iter_images(cfg.path("images"), 16))
     assert len(got) == 40 and len({k for k, _, _ in got}) == 40
     assert {c for _, c, _ in got} <= {s.caption for s in samples}
@@ -50,16 +58,16 @@ def test_rerun_skips_committed_and_changed_config_is_refused(tmp_path, ray_clust
     cfg = cfg_for(tmp_path, url_list(tmp_path, image_server, tiny_samples[0][:20], bad=False))
     ray_seam.run_download(cfg)
     out = cfg.path("images")
-    mtimes = {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)}
+    mtimes = shard_mtimes(out)
     before = image_server.requests
     summary = ray_seam.run_download(cfg)
     assert image_server.requests == before, "a rerun fetched again"
-    assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == mtimes
+    assert shard_mtimes(out) == mtimes
     assert summary["successes"] == 20
     changed = cfg_for(tmp_path, cfg.download.input, "download.shard_size=7")
     with pytest.raises(commit.RunMismatchError, match="shard_size: 50 -> 7"):
         ray_seam.run_download(changed)
-    assert {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)} == mtimes
+    assert shard_mtimes(out) == mtimes
 
 
 @pytest.mark.parametrize("name", ["laion.csv", "laion.jsonl"])
