@@ -80,6 +80,7 @@ def plan_retry_round(output: str, plan_dir: str, shard_size: int, first_free_id:
             w.write_table(table)
         plans.append(ShardPlan(sid, path))
     doc = {"shards": {str(p.shard_id): p.arrow_path for p in plans}, "rows": len(candidates)}
+    fs.makedirs(f"{out}/_retry", exist_ok=True)
     commit.atomic_write(fs, f"{out}/_retry/round-{len(rounds):03d}.json", json.dumps(doc, indent=1).encode())
     return plans
 

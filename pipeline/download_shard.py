@@ -154,9 +154,10 @@ def _dedup_images(outcomes: list[Outcome], keys: list[str], claim: ShaClaim | No
             first[sha] = key
             pairs.append((sha, key))
     owners = claim(pairs) if pairs else {}
-    for o, key in zip(outcomes, keys):
-        if o.code == "ok" and owners.get(o.meta["sha256"], key) != key:
-            _mark_duplicate(o, owners[o.meta["sha256"]])
+    for o, key in zip(outcomes, keys):  # point every copy at the run-wide owner, not at this shard's first copy
+        owner = owners.get(o.meta.get("sha256") or "", key)
+        if o.code in ("ok", "duplicate_image") and owner != key:
+            _mark_duplicate(o, owner)
 
 
 def _mark_duplicate(o: Outcome, first_key: str) -> None:
