@@ -83,6 +83,11 @@ def read_plan(path: str) -> list[dict[str, Any]]:
 
 def check_caption(caption: Any, cfg: DownloadConfig) -> Outcome | None:
     """Per-row caption filters; None when the caption is fine."""
+    if isinstance(caption, bytes):  # pyarrow reads a CSV column holding non-UTF-8 bytes as binary
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Outcome("bad_caption", f"caption bytes are not UTF-8 (at byte {exc.start})")
     if caption is None or (isinstance(caption, str) and not caption.strip()):
         return Outcome("empty_caption", "caption is empty") if cfg.drop_empty_captions else None
     text = caption if isinstance(caption, str) else str(caption)
@@ -170,15 +175,20 @@ def _write(cfg: DownloadConfig, staging: str, shard_id: int, rows: list[dict[str
     writer_cls, _ = WRITERS[cfg.output_format]
     writer = writer_cls(shard_id, staging, True, OOM_SHARD_COUNT, META_SCHEMA, cfg.encode_format)
     for row, key, o in zip(rows, keys, outcomes):
-        caption = row.get("caption")
-        caption = None if caption is None else str(caption)
+        caption = _text(row.get("caption"))
         meta = {name: None for name in META_SCHEMA.names}
-        meta.update(key=key, url=None if row.get("url") is None else str(row["url"]), caption=caption,
+        meta.update(key=key, url=_text(row.get("url")), caption=caption,
                     status=_STATUS[o.code], code=o.code, error_message=o.message or None,
                     retry_of=row.get("retry_of"))
         meta.update({k: v for k, v in o.meta.items() if k in meta})
         writer.write(o.data, key, caption, meta)
     writer.close()
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _stats(shard_id: int, outcomes: list[Outcome], start: float, attempt: int) -> dict[str, Any]:

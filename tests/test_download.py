@@ -94,3 +94,16 @@ def test_bad_input_names_file_and_reason(tmp_path, image_server, tiny_samples):
     with pytest.raises(download.InputError, match="broken.csv"):
         download.plan_shards(cfg_for(tmp_path, "x").download, [str(tmp_path / "broken.csv")], set(),
                              str(tmp_path / "tmp"))
+
+
+def test_non_utf8_caption_is_a_row_error_not_a_crash(tmp_path):
+    from pipeline.download_shard import check_caption, read_plan
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"url,caption\nhttp://a/1.jpg,fine\nhttp://a/2.jpg,caf\xe9 au lait\n")
+    cfg = cfg_for(tmp_path, str(path)).download
+    plans, total = download.plan_shards(cfg, [str(path)], set(), str(tmp_path / "plan"))
+    rows = read_plan(plans[0].arrow_path)
+    assert total == 1 and len(rows) == 2
+    assert check_caption(rows[0]["caption"], cfg) is None
+    assert check_caption(rows[1]["caption"], cfg).code == "bad_caption"
