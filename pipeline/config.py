@@ -132,6 +132,20 @@ class DVAEConfig:
     group_count: int = 3
     """Downsampling is 2 ** (group_count - 1): 3 groups turn 32x32 into an 8x8 grid."""
     n_blk_per_group: int = 1
+    n_init: int = 128
+    """Width of the decoder's first 1x1 convolution (OpenAI: 128)."""
+    recon: str = "logit_laplace"
+    """Reconstruction cost: logit_laplace (DALL-E's), mse or bce."""
+    input_noise: float = 0.0
+    """Std of Gaussian noise added to the encoder's input while training (denoising); 0 turns it off."""
+    kl_warmup_steps: int = 0
+    """Steps over which the KL weight ramps linearly from 0 to kl_weight."""
+    weights: str = ""
+    """Empty: train our own. 'openai': load OpenAI's dall_e encoder_path/decoder_path. Else: our dvae.pt to use."""
+    encoder_path: str = ""
+    """OpenAI encoder.pkl (local path or http(s) URL), for weights: openai."""
+    decoder_path: str = ""
+    """OpenAI decoder.pkl (local path or http(s) URL), for weights: openai."""
     steps: int = 1500
     batch_size: int = 64
     lr: float = 2e-3
@@ -151,6 +165,12 @@ class DVAEConfig:
         _check(self.lr > 0, "dvae.lr", "must be > 0")
         _check(0 < self.temp_end <= self.temp_start, "dvae.temp_end", "must be in (0, temp_start]")
         _check(self.kl_weight >= 0, "dvae.kl_weight", "must be >= 0")
+        _check(self.n_init > 0, "dvae.n_init", "must be > 0")
+        _check(self.recon in ("logit_laplace", "mse", "bce"), "dvae.recon", "must be logit_laplace, mse or bce")
+        _check(self.input_noise >= 0, "dvae.input_noise", "must be >= 0")
+        _check(self.kl_warmup_steps >= 0, "dvae.kl_warmup_steps", "must be >= 0")
+        _check(self.weights != "openai" or bool(self.encoder_path and self.decoder_path), "dvae.weights",
+               "'openai' needs dvae.encoder_path and dvae.decoder_path (OpenAI's encoder.pkl / decoder.pkl)")
 
 
 @dataclass

@@ -110,17 +110,20 @@ class ImageProcessor:
         return Processed("ok", "", enc.tobytes(), img.shape[1], img.shape[0], w, h)
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
-        """The geometry of img2dataset's SmallestMaxSize/LongestMaxSize + CenterCrop/pad, with area interpolation."""
+        """The geometry of img2dataset's SmallestMaxSize/LongestMaxSize + CenterCrop/pad, with area interpolation
+        (centre_crop crops in source pixels first, which lands within a pixel of resize-then-crop)."""
         hh, ww = img.shape[:2]
+        if self.mode == "center_crop":  # crop the square first: resizing pixels the crop would drop is wasted work
+            side = min(hh, ww)
+            top, left = (hh - side) // 2, (ww - side) // 2
+            img = img[top:top + side, left:left + side]
+            return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
         side = max(hh, ww) if self.mode == "border" else min(hh, ww)
         scale = self.size / side
         if scale != 1.0:
             img = cv2.resize(img, (round(ww * scale), round(hh * scale)), interpolation=cv2.INTER_AREA)
         hh, ww = img.shape[:2]
-        if self.mode == "center_crop":
-            top, left = (hh - self.size) // 2, (ww - self.size) // 2
-            img = img[top:top + self.size, left:left + self.size]
-        elif self.mode == "border":
+        if self.mode == "border":
             top, left = (self.size - hh) // 2, (self.size - ww) // 2
             img = cv2.copyMakeBorder(img, top, self.size - hh - top, left, self.size - ww - left,
                                      cv2.BORDER_CONSTANT, value=(255, 255, 255))

@@ -73,6 +73,8 @@ def run_download(cfg: Config) -> dict[str, Any]:
     fs, out = commit.fs_and_path(output)
     commit.claim_run(fs, out, "download", download.shard_settings(dcfg, files))  # refuses a changed config, first
     done = set(commit.committed_shards(fs, out))
+    if fs.exists(f"{out}/_staging"):  # debris of attempts that died before publishing; never part of a shard
+        fs.rm(f"{out}/_staging", recursive=True)
     plan_dir = f"{output.rstrip('/')}/_plan"
     plans, total = download.plan_shards(dcfg, files, done, plan_dir)
     if dcfg.retry_failed:

@@ -47,6 +47,10 @@ def train_dvae(cfg: Config, images: np.ndarray | None = None) -> dict[str, Any]:
     from pipeline import train_dvae as td
 
     t0 = time.time()
+    if cfg.dvae.weights:  # OpenAI's published dVAE, or a checkpoint of ours: no training, same output layout
+        from pipeline.dvae_openai import import_weights
+
+        return _stamp(import_weights(cfg), t0)
     if images is None:
         images = load_images(cfg)[0]
     result = td.train_dvae(cfg.dvae, images, cfg.path("dvae"), cfg.seed)

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import shards
 from pipeline.config import DVAEConfig
-from pipeline.dvae import DVAE, DVAEShape, save_dvae, temperature_at
+from pipeline.dvae import DVAE, DVAEShape, kl_weight_at, save_dvae, temperature_at
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,14 @@ def load_image_array(images_folder: str, size: int, limit: int = 0) -> tuple[np.
     return np.stack(arrs), keys, caps
 
 
+def dvae_shape(cfg: DVAEConfig) -> DVAEShape:
+    return DVAEShape(vocab_size=cfg.vocab_size, n_hid=cfg.n_hid, group_count=cfg.group_count,
+                     n_blk_per_group=cfg.n_blk_per_group, n_init=cfg.n_init, recon=cfg.recon)
+
+
 def train_dvae(cfg: DVAEConfig, images: np.ndarray, out_dir: str, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    shape = DVAEShape(vocab_size=cfg.vocab_size, n_hid=cfg.n_hid, group_count=cfg.group_count,
-                      n_blk_per_group=cfg.n_blk_per_group)
+    shape = dvae_shape(cfg)
     size = images.shape[1]
     if size % shape.downsample:
         raise ValueError(f"image size {size} is not divisible by the dVAE downsampling {shape.downsample}")
@@ -50,13 +54,14 @@ def train_dvae(cfg: DVAEConfig, images: np.ndarray, out_dir: str, seed: int) -> 
     for step in range(cfg.steps):
         idx = torch.randint(0, len(data), (min(cfg.batch_size, len(data)),), generator=gen)
         tau = temperature_at(step, cfg.steps, cfg.temp_start, cfg.temp_end)
-        loss, stats = model.loss(data[idx], tau, cfg.kl_weight)
+        loss, stats = model.loss(data[idx], tau, kl_weight_at(step, cfg.kl_warmup_steps, cfg.kl_weight),
+                                 cfg.input_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         history.append({"step": step + 1, "tau": tau, **stats})
-        progress.update(1, f"loss {stats['loss']:.4f} mse {stats['recon_mse']:.4f} tau {tau:.3f}")
+        progress.update(1, f"loss {stats['loss']:.4f} mse {stats['recon_mse']:.4f} kl {stats['kl']:.3f} tau {tau:.3f}")
     progress.close()
     model.eval()
     with torch.no_grad():  # hard-code reconstruction error: what tokenize + decode will actually give
