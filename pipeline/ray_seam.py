@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -130,16 +131,20 @@ def _run_shards(cfg: Config, output: str, plans: list, registry) -> tuple[dict[i
 
 
 def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:
-    """Ray Data: committed image shards → decode (CPU tasks) → encoder actor pool → one token shard per image shard."""
-    from pipeline.tokenize import Encoder, decode_shard, write_token_shard
+    """Ray Data: committed image shards → decode (CPU tasks) → encoder actor pool → one token shard per image shard.
+
+    The driver commits a shard when every one of its rows has come back (encoded or rejected), so a crash anywhere
+    loses only uncommitted work, and a rerun redoes exactly the shards without a marker.
+    """
+    from pipeline.tokenize import SHARD_ERROR, Encoder, decode_shard, write_token_shard
 
     images, tokens = cfg.path("tokens_input"), cfg.path("tokens")
     image_shards = shards.committed_image_shards(images)
     if not image_shards:
         raise FileNotFoundError(f"{images}: no committed image shards to tokenize")
     fs, out = commit.fs_and_path(tokens)
-    settings = {"images": images, "spec": spec.__dict__, "image_shards": sorted(image_shards)}
-    commit.claim_run(fs, out, "tokenize", {k: v for k, v in settings.items() if k != "image_shards"})
+    settings = {"images": images, "spec": spec.__dict__}
+    commit.claim_run(fs, out, "tokenize", settings)  # a changed model or preprocessing is refused before any write
     done = set(commit.committed_shards(fs, out))
     todo = {s: m["successes"] for s, m in image_shards.items() if s not in done}
     metadata = Encoder(spec).metadata()
@@ -147,35 +152,59 @@ def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:
     log.info("tokenize: %d shards (%d rows) to encode, %d already committed", len(todo), expected_rows, len(done))
     progress = Progress("tokenize", total=expected_rows, unit="rows")
     written: dict[str, Any] = {}
-    empty = [s for s, n in todo.items() if n == 0]
-    for s in empty:  # a shard whose every URL failed still gets an (empty) committed token shard
-        written[f"{s:05d}"] = write_token_shard(tokens, s, _empty_rows(metadata), metadata)
+    failed: dict[str, str] = {}
+    for s in [s for s, n in todo.items() if n == 0]:  # a shard whose every URL failed gets an empty token shard
+        written[f"{s:05d}"] = write_token_shard(tokens, s, _empty_rows(metadata), metadata, {}, 0.0)
     todo = {s: n for s, n in todo.items() if n > 0}
     if todo:
         size = cfg.download.image_size
+        files = {s: image_shards[s].get("files", {}) for s in todo}
         ds = ray.data.from_items([{"shard_id": s, "expected": n} for s, n in todo.items()],
                                  override_num_blocks=len(todo))
-        ds = ds.flat_map(lambda r: decode_shard(images, int(r["shard_id"]), size, int(r["expected"])))
+        ds = ds.flat_map(lambda r: decode_shard(images, int(r["shard_id"]), size, int(r["expected"]),
+                                                files[int(r["shard_id"])]))
         ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": encoder_threads},
                             batch_size=cfg.tokenize.batch_size, concurrency=cfg.tokenize.num_encoders,
                             batch_format="numpy")
         buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        rejects: dict[int, dict[str, str]] = defaultdict(dict)
         counts: dict[int, int] = defaultdict(int)
+        seen: dict[int, set[str]] = defaultdict(set)
+        started: dict[int, float] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for s in np.unique(batch["shard_id"]):
+            for s in (int(x) for x in np.unique(batch["shard_id"])):
                 sel = batch["shard_id"] == s
-                buffers[int(s)].append({k: v[sel] for k, v in batch.items()})
-                counts[int(s)] += int(sel.sum())
-                progress.update(int(sel.sum()))
-                if counts[int(s)] == todo[int(s)]:  # the shard is whole: commit it, free its rows
-                    rows = _concat(buffers.pop(int(s)))
-                    written[f"{int(s):05d}"] = write_token_shard(tokens, int(s), rows, metadata)
-        missing = {s: todo[s] - counts[s] for s in todo if f"{s:05d}" not in written}
+                started.setdefault(s, time.time())
+                part = {k: v[sel] for k, v in batch.items()}
+                if SHARD_ERROR in set(part["key"]):
+                    failed[f"{s:05d}"] = str(part["reject"][list(part["key"]).index(SHARD_ERROR)])
+                    log.error("tokenize: %s", failed[f"{s:05d}"])
+                    progress.update(todo[s])
+                    continue
+                # A retried task (actor killed, node lost) may deliver rows twice: keep each key once.
+                fresh = np.array([k not in seen[s] for k in part["key"]], dtype=bool)
+                seen[s].update(str(k) for k in part["key"])
+                part = {k: v[fresh] for k, v in part.items()}
+                bad = part["reject"] != ""
+                rejects[s].update({str(k): str(r) for k, r in zip(part["key"][bad], part["reject"][bad])})
+                buffers[s].append({k: v[~bad] for k, v in part.items()})
+                counts[s] += int(fresh.sum())
+                progress.update(int(fresh.sum()))
+                if counts[s] == todo[s] and f"{s:05d}" not in written:  # the shard is whole: commit, free its rows
+                    parts = [p for p in buffers.pop(s) if len(p["key"])]
+                    rows = _concat(parts) if parts else _empty_rows(metadata)
+                    written[f"{s:05d}"] = write_token_shard(tokens, s, rows, metadata, rejects.pop(s),
+                                                            time.time() - started[s])
+        missing = {s: todo[s] - counts[s] for s in todo if f"{s:05d}" not in written and f"{s:05d}" not in failed}
         if missing:
             raise RuntimeError(f"tokenize: shards never completed (missing rows): {missing}")
     progress.close()
-    return {"shards_written": len(written), "shards_skipped": len(done), "rows": expected_rows,
-            "seconds": progress.elapsed, "rows_per_s": expected_rows / max(progress.elapsed, 1e-9)}
+    n_rejects = sum(sum(m.get("rejects", {}).values()) for m in written.values())
+    summary = {"shards_written": len(written), "shards_skipped": len(done), "shards_failed": failed,
+               "rows_in": expected_rows, "rows": sum(m["rows"] for m in written.values()), "rejects": n_rejects,
+               "seconds": progress.elapsed, "rows_per_s": expected_rows / max(progress.elapsed, 1e-9)}
+    commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
+    return summary
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, Any]:

@@ -47,9 +47,12 @@ def read_shard_samples(folder: str, shard_id: int) -> list[dict[str, Any]]:
         parts = grouped[key]
         image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         if image is None:
-            raise ValueError(f"{tar_path}: sample '{key}' has no image member (has {sorted(parts)})")
+            if "json" not in parts and "txt" not in parts:
+                raise ValueError(f"{tar_path}: sample '{key}' has no image member (has {sorted(parts)})")
+            image = b""  # a sample whose image member is missing: tokenize rejects it as empty_image
         meta = json.loads(parts["json"]) if "json" in parts else {}
-        caption = parts["txt"].decode("utf-8") if "txt" in parts else (meta.get("caption") or "")
+        # Undecodable caption bytes become U+FFFD, which tokenize rejects as bad_caption instead of failing the shard.
+        caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else (meta.get("caption") or "")
         samples.append({"key": key, "image": image, "caption": caption, "meta": meta, "shard_id": shard_id})
     return samples
 
@@ -90,4 +93,5 @@ def iter_images(folder: str, size: int) -> Iterator[tuple[str, str, np.ndarray]]
     """(key, caption, image) over every committed shard, in shard then key order."""
     for shard_id in committed_image_shards(folder):
         for s in read_shard_samples(folder, shard_id):
-            yield s["key"], s["caption"], decode_image(s["image"], size)
+            if s["image"]:  # a sample without image bytes has nothing to train on (tokenize rejects it by name)
+                yield s["key"], s["caption"], decode_image(s["image"], size)

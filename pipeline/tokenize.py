@@ -27,21 +27,60 @@ class EncoderSpec:
     """Pixel size the dVAE encodes (the download stage's image_size)."""
 
 
-def decode_shard(images_folder: str, shard_id: int, image_size: int, expected: int) -> list[dict[str, Any]]:
-    """Every sample of one committed image shard as rows with a decoded (S, S, 3) uint8 image."""
-    rows = []
-    for s in shards.read_shard_samples(images_folder, shard_id):
-        meta = s["meta"]
-        rows.append({
-            "shard_id": shard_id, "key": s["key"], "url": meta.get("url") or "", "caption": s["caption"],
-            "sha256": meta.get("sha256") or hashlib.sha256(s["image"]).hexdigest(),
+SHARD_ERROR = "__shard_error__"  # key of the single row a shard yields when the whole shard cannot be read
+
+
+def decode_shard(images_folder: str, shard_id: int, image_size: int, expected: int,
+                 files: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every sample of one committed image shard as a row with a decoded (S, S, 3) uint8 image.
+
+    A sample that cannot be used becomes a row with ``reject`` set (decode_error, empty_image, empty_caption,
+    bad_caption) and a blank image, so processed + rejected = input exactly. A shard that cannot be read at all, or
+    whose bytes differ from what its commit marker recorded, becomes one row keyed ``SHARD_ERROR`` with the reason.
+    """
+    try:
+        _verify_shard(images_folder, shard_id, files or {})
+        samples = shards.read_shard_samples(images_folder, shard_id)
+        if len(samples) != expected:
+            raise ValueError(f"holds {len(samples)} samples but its commit marker records {expected} successes")
+    except Exception as exc:  # noqa: BLE001 — a whole-shard problem is reported by name, not raised into Ray Data
+        return [_row(shard_id, SHARD_ERROR, {}, "", image_size, f"shard {shard_id:05d}: {exc}")]
+    return [_sample_row(s, shard_id, image_size) for s in samples]
+
+
+def _verify_shard(images_folder: str, shard_id: int, files: dict[str, Any]) -> None:
+    """The shard's files still have the sha256 its marker recorded (a truncated or rewritten tar is refused)."""
+    fs, path = commit.fs_and_path(images_folder)
+    for name, info in files.items():
+        if name.endswith((".tar", ".parquet")) and "sha256" in info:
+            got = commit.sha256_file(fs, f"{path}/{name}")
+            if got != info["sha256"]:
+                raise ValueError(f"{name} changed since it was committed (sha256 {got[:12]} != {info['sha256'][:12]})")
+
+
+def _sample_row(s: dict[str, Any], shard_id: int, size: int) -> dict[str, Any]:
+    caption = s["caption"]
+    reject = ""
+    if not caption.strip():
+        reject = "empty_caption"
+    elif "\ufffd" in caption:
+        reject = "bad_caption"
+    elif not s["image"]:
+        reject = "empty_image"
+    row = _row(shard_id, s["key"], s["meta"], caption, size, reject)
+    row["sha256"] = s["meta"].get("sha256") or hashlib.sha256(s["image"]).hexdigest()
+    if not reject:
+        try:
+            row["image"] = shards.decode_image(s["image"], size)
+        except Exception as exc:  # noqa: BLE001 — PIL raises many types for bad bytes
+            row["reject"] = f"decode_error: {type(exc).__name__}"
+    return row
+
+
+def _row(shard_id: int, key: str, meta: dict[str, Any], caption: str, size: int, reject: str) -> dict[str, Any]:
+    return {"shard_id": shard_id, "key": key, "url": meta.get("url") or "", "caption": caption, "sha256": "",
             "width": int(meta.get("original_width") or 0), "height": int(meta.get("original_height") or 0),
-            "image": shards.decode_image(s["image"], image_size),
-        })
-    if len(rows) != expected:
-        raise ValueError(f"{images_folder}/{shard_id:05d}.tar holds {len(rows)} samples but its commit marker "
-                         f"records {expected} successes")
-    return rows
+            "image": np.zeros((size, size, 3), np.uint8), "reject": reject}
 
 
 def _file_sha256(path: str) -> str:
@@ -99,8 +138,12 @@ class Encoder:
         return out
 
 
-def write_token_shard(folder: str, shard_id: int, rows: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
-    """Commit one token shard: Parquet first (atomically), marker last. Rows are sorted by key."""
+def write_token_shard(folder: str, shard_id: int, rows: dict[str, Any], metadata: dict[str, Any],
+                      rejects: dict[str, str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
+    """Commit one token shard: Parquet first (atomically), marker last. Rows are sorted by key.
+
+    ``rejects`` (key → reason) goes into the marker, so rows + rejects = the image shard's samples, by key.
+    """
     order = np.argsort(np.asarray(rows["key"]), kind="stable")
     sorted_rows = {k: [v[i] for i in order] if isinstance(v, list) else np.asarray(v)[order] for k, v in rows.items()}
     sorted_rows["text_tokens"] = [[int(t) for t in r if t >= 0] for r in sorted_rows["text_tokens"]]
@@ -113,8 +156,16 @@ def write_token_shard(folder: str, shard_id: int, rows: dict[str, Any], metadata
     fs, path = commit.fs_and_path(folder)
     fs.makedirs(path, exist_ok=True)
     commit.atomic_write(fs, f"{path}/{shard_id:05d}.parquet", data)
+    rejects = rejects or {}
+    if set(rejects) & set(keys):
+        raise ValueError(f"token shard {shard_id:05d}: keys both written and rejected")
+    reasons: dict[str, int] = {}
+    for reason in rejects.values():
+        reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
     manifest = {"shard_id": shard_id, "rows": len(keys), "first_key": keys[0] if keys else None,
                 "last_key": keys[-1] if keys else None, "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest()}
+                "sha256": hashlib.sha256(data).hexdigest(), "rejects": dict(sorted(reasons.items())),
+                "rejected_keys": dict(sorted(rejects.items())), "seconds": round(seconds, 3),
+                "images_per_s": round((len(keys) + len(rejects)) / seconds, 2) if seconds > 0 else None}
     commit.write_marker(fs, path, shard_id, manifest)
     return manifest
