@@ -72,22 +72,37 @@ def load_clip(arch: str, pretrained: str = "") -> ClipBundle:
 
 def image_input(bundle: ClipBundle, images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 → normalised (B, 3, S, S) float at the model's resolution."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    device = next(bundle.model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
     if x.shape[-1] != bundle.image_size or x.shape[-2] != bundle.image_size:
-        x = F.interpolate(x, size=(bundle.image_size, bundle.image_size), mode="bicubic", align_corners=False)
-    return (x - bundle.mean) / bundle.std
+        # The model's own transform is Resize(bicubic) + CenterCrop on PIL images; our inputs are already square
+        # crops, so this is the same resize, antialiased like PIL's.
+        x = F.interpolate(x, size=(bundle.image_size, bundle.image_size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0, 1)
+    return (x - bundle.mean.to(device)) / bundle.std.to(device)
 
 
 @torch.no_grad()
 def encode_images(bundle: ClipBundle, images: np.ndarray) -> np.ndarray:
     """L2-normalised image embeddings, (B, D) float32."""
-    return F.normalize(bundle.model.encode_image(image_input(bundle, images)), dim=-1).numpy()
+    with _autocast(bundle):
+        emb = bundle.model.encode_image(image_input(bundle, images))
+    return F.normalize(emb.float(), dim=-1).cpu().numpy()
 
 
 @torch.no_grad()
 def encode_texts(bundle: ClipBundle, captions: list[str]) -> np.ndarray:
     """L2-normalised text embeddings, (B, D) float32."""
-    return F.normalize(bundle.model.encode_text(bundle.tokenizer(captions)), dim=-1).numpy()
+    device = next(bundle.model.parameters()).device
+    with _autocast(bundle):
+        emb = bundle.model.encode_text(bundle.tokenizer(captions).to(device))
+    return F.normalize(emb.float(), dim=-1).cpu().numpy()
+
+
+def _autocast(bundle: ClipBundle):
+    """bf16 on a GPU (where it is fast and the embeddings are stored as fp16 anyway); exact fp32 on the CPU."""
+    device = next(bundle.model.parameters()).device
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def train_clip(cfg: ClipConfig, images: np.ndarray, captions: list[str], out_dir: str, seed: int) -> dict[str, Any]:

@@ -161,11 +161,13 @@ def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:
         files = {s: image_shards[s].get("files", {}) for s in todo}
         ds = ray.data.from_items([{"shard_id": s, "expected": n} for s, n in todo.items()],
                                  override_num_blocks=len(todo))
+        env = _passthrough_env()  # S3 endpoint/credentials the driver was given reach every task and actor
         ds = ds.flat_map(lambda r: decode_shard(images, int(r["shard_id"]), size, int(r["expected"]),
-                                                files[int(r["shard_id"])]))
+                                                files[int(r["shard_id"])]), **env)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # encoder actors on GPUs when there are any
         ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec, "threads": encoder_threads},
                             batch_size=cfg.tokenize.batch_size, concurrency=cfg.tokenize.num_encoders,
-                            batch_format="numpy")
+                            num_gpus=gpus, batch_format="numpy", **env)
         buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
         rejects: dict[int, dict[str, str]] = defaultdict(dict)
         counts: dict[int, int] = defaultdict(int)

@@ -95,8 +95,10 @@ class Encoder:
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec
-        self.dvae = load_dvae(spec.dvae_path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU actor when Ray gave one
+        self.dvae = load_dvae(spec.dvae_path).to(self.device)
         self.clip = clip_lib.load_clip(spec.clip_arch, spec.clip_pretrained)
+        self.clip.model.to(self.device)
         self.bpe = getattr(self.clip.tokenizer, "tokenizer", self.clip.tokenizer)
         self.grid = self.dvae.shape.grid(spec.image_size)
 
@@ -109,7 +111,7 @@ class Encoder:
                      "sha256": self.clip.weights_sha256},
             "tokenizer": {"id": f"open_clip:{type(self.bpe).__name__}", "vocab_size": self.text_vocab_size},
             "preprocess": {"image_size": self.spec.image_size, "dvae_input": "rgb/255",
-                           "clip_input": f"bicubic to {self.clip.image_size}, CLIP mean/std"},
+                           "clip_input": f"bicubic antialiased to {self.clip.image_size}, CLIP mean/std"},
         }
 
     @property
@@ -118,8 +120,8 @@ class Encoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.stack(list(batch["image"])).astype(np.uint8)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        codes = self.dvae.encode(x).reshape(len(images), -1).numpy().astype(np.uint16)
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        codes = self.dvae.encode(x).reshape(len(images), -1).cpu().numpy().astype(np.uint16)
         captions = [str(c) for c in batch["caption"]]
         img_emb = clip_lib.encode_images(self.clip, images)
         txt_emb = clip_lib.encode_texts(self.clip, captions)

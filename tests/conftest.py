@@ -44,3 +44,29 @@ def image_server(tiny_samples):
 def tiny_config(tmp_path) -> Config:
     """configs/tiny.yaml with its run folder under tmp_path."""
     return load_config(os.path.join(REPO, "configs", "tiny.yaml"), [f"run_dir={tmp_path / 'run'}"])
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1; AWS_* env points boto/s3fs (and, via the Ray seam, shard tasks) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("laion")
+    yield fs
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 
 import pandas as pd
 import pytest
@@ -14,33 +13,7 @@ from pipeline.config import load_config
 from pipeline.download import expand_input, plan_shards
 
 pytestmark = pytest.mark.slow
-BUCKET = "laion"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on 127.0.0.1; AWS_* env points boto/s3fs (and, via the Ray seam, shard tasks) at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield fs
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+BUCKET = "laion"  # made by the s3 fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

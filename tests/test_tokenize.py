@@ -165,3 +165,19 @@ def test_killed_encoder_actors_lose_and_duplicate_nothing(workspace):
         assert a == b, f"shard {sid} differs from the clean run"
     table, _ = schema.read_token_shards(cfg.path("tokens"))
     assert table.num_rows == 48 and len(set(table.column("key").to_pylist())) == 48
+
+
+def test_s3_input_and_output(workspace, s3):
+    """The same job with s3:// input and output on the loopback S3 server; a rerun writes nothing."""
+    src = workspace.path("images")
+    for name in os.listdir(src):
+        if name.endswith((".tar", ".parquet", "_stats.json", ".done.json")) or name == "_run.json":
+            s3.put(os.path.join(src, name), f"laion/tok-images/{name}")
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={workspace.run_dir}", "tokenize.input=s3://laion/tok-images",
+                                            "tokenize.output=s3://laion/tokens", "tokenize.batch_size=8"])
+    summary = ray_seam.run_tokenize(cfg, encoder_spec(cfg))
+    assert summary["rows"] == 48 and summary["shards_written"] == 3
+    table, _ = schema.read_token_shards("s3://laion/tokens")
+    assert sorted(table.column("key").to_pylist()) == sorted(k for k, _, _ in shards.iter_images(src, 16))
+    again = ray_seam.run_tokenize(cfg, encoder_spec(cfg))
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 3
