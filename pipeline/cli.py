@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "train-clip": "train a small open_clip CLIP on the image shards (skipped when clip.model names one)",
     "tokenize": "image shards → Parquet token shards (dVAE codes, CLIP embeddings, BPE ids), with Ray Data",
     "train-prior": "train the autoregressive prior with DeepSpeed (prior.num_procs ranks, ZeRO prior.zero_stage)",
+    "export": "token shards → clip-retrieval's layout (img_emb/, text_emb/, metadata/) for embedding-reader/autofaiss",
+    "eval-dvae": "dVAE on held-out images: reconstruction MSE/PSNR, codebook perplexity and dead codes, a PNG",
     "sample": "captions → images: KV-cached sampling, dVAE decode, CLIP rerank; writes a sample grid",
     "demo": "every stage on the embedded default dataset served over loopback HTTP, then a report",
 }
@@ -31,6 +33,7 @@ def _run(stage: str, cfg: Config) -> dict[str, Any]:
     runners: dict[str, Callable[[Config], Any]] = {
         "download": stages.download, "train-dvae": stages.train_dvae, "train-clip": stages.train_clip,
         "tokenize": stages.tokenize, "train-prior": stages.train_prior, "sample": lambda c: stages.sample(c)[0],
+        "eval-dvae": _eval_dvae, "export": _export,
     }
     if stage == "demo":
         from pipeline.demo import run_demo
@@ -42,6 +45,18 @@ def _run(stage: str, cfg: Config) -> dict[str, Any]:
               flush=True)
         return result
     return runners[stage](cfg)
+
+
+def _eval_dvae(cfg: Config) -> dict[str, Any]:
+    from pipeline.eval_dvae import eval_dvae
+
+    return eval_dvae(cfg)
+
+
+def _export(cfg: Config) -> dict[str, Any]:
+    from pipeline.export import export_clip_retrieval
+
+    return export_clip_retrieval(cfg.path("tokens"), cfg.path("clip_retrieval"))
 
 
 def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> argparse.ArgumentParser:

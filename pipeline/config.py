@@ -154,8 +154,41 @@ class DVAEConfig:
     kl_weight: float = 1e-3
     output: str = ""
     """Checkpoint folder; empty means <run_dir>/dvae."""
+    num_procs: int = 1
+    """Ranks started by the deepspeed launcher (CPU ranks on a CPU machine); batch_size is split between them."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0, 1 or 2 (the dVAE is small; stage 3 is not offered)."""
+    bf16: bool = False
+    warmup_steps: int = 10
+    """Learning-rate warm-up steps before the cosine decay to lr / 20."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines (and TensorBoard scalars): losses averaged over the steps and ranks."""
+    save_every: int = 250
+    """Steps between DeepSpeed checkpoints (one is always written at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Newest complete checkpoints kept in the output folder; 0 keeps every one."""
+    resume: bool = True
+    """Continue from the output folder's latest complete checkpoint if it has one; false starts over (and deletes
+    the folder's earlier checkpoints, metrics and weights)."""
+    grid_every: int = 100
+    """Steps between held-out reconstruction grids recon_step{N:06d}.png and evaluations; 0: only at the end."""
+    heldout_images: int = 64
+    """Images held out of training for evaluation (MSE, PSNR, codebook usage) and the grids; at most a fifth of
+    the images. 0: no evaluation."""
+    window_shards: int = 4
+    """Rows are shuffled within windows of this many shards (each rank keeps about two windows of shards read)."""
+    stop_after_steps: int = 0
+    """Stop (checkpointed, resumable) after this many steps, e.g. to fit a time slot; 0: train to steps."""
 
     def __post_init__(self) -> None:
+        _check(self.num_procs > 0, "dvae.num_procs", "must be > 0")
+        _check(self.batch_size % self.num_procs == 0, "dvae.batch_size", "must be divisible by dvae.num_procs")
+        _check(self.zero_stage in (0, 1, 2), "dvae.zero_stage", "must be 0, 1 or 2")
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "grid_every", "heldout_images",
+                     "stop_after_steps"):
+            _check(getattr(self, name) >= 0, f"dvae.{name}", "must be >= 0")
+        _check(self.log_every > 0, "dvae.log_every", "must be > 0")
+        _check(self.window_shards > 0, "dvae.window_shards", "must be > 0")
         _check(2 <= self.vocab_size <= 65535, "dvae.vocab_size", "must be in [2, 65535] (stored as uint16)")
         _check(self.n_hid > 0, "dvae.n_hid", "must be > 0")
         _check(self.group_count >= 1, "dvae.group_count", "must be >= 1")
@@ -210,6 +243,8 @@ class TokenizeConfig:
     batch_size: int = 64
     num_encoders: int = 1
     """Encoder actors in the Ray Data actor pool."""
+    export: str = ""
+    """Where `python -m pipeline export` writes the clip-retrieval layout; empty means <run_dir>/clip_retrieval."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "tokenize.batch_size", "must be > 0")
@@ -297,7 +332,8 @@ class Config:
     def path(self, stage: str) -> str:
         """The output location of a stage: its ``output`` key if set, else ``<run_dir>/<default name>``."""
         explicit = {"images": self.download.output, "dvae": self.dvae.output, "clip": self.clip.output,
-                    "tokens": self.tokenize.output, "prior": self.prior.output, "report": self.sample.output}
+                    "tokens": self.tokenize.output, "prior": self.prior.output, "report": self.sample.output,
+                    "clip_retrieval": self.tokenize.export}
         if stage == "tokens_input":
             return self.tokenize.input or self.path("images")
         if explicit.get(stage):

@@ -181,3 +181,31 @@ def test_s3_input_and_output(workspace, s3):
     assert sorted(table.column("key").to_pylist()) == sorted(k for k, _, _ in shards.iter_images(src, 16))
     again = ray_seam.run_tokenize(cfg, encoder_spec(cfg))
     assert again["shards_written"] == 0 and again["shards_skipped"] == 3
+
+
+def test_eval_dvae_scores_held_out_images(workspace):
+    """`eval-dvae` on the same committed images: figures, a PNG, and a clear error for a checkpoint that is not one."""
+    from pipeline.cli import main
+
+    assert main(["eval-dvae", "--config", "configs/tiny.yaml", f"run_dir={workspace.run_dir}",
+                 "dvae.heldout_images=8"]) == 0
+    result = json.loads(open(os.path.join(workspace.path("dvae"), "eval.json")).read())
+    assert result["heldout_images"] == 8 and result["codes_used"] + result["dead_codes"] == 32
+    assert 1.0 <= result["perplexity"] <= 32 and result["heldout_mse"] > 0
+    assert open(result["reconstructions_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_command_writes_clip_retrieval_layout(workspace, tmp_path):
+    from pipeline.cli import main
+
+    cfg, spec = with_tokens(workspace, "tokens_schema")
+    ray_seam.run_tokenize(cfg, spec)  # resumes: nothing to do if the schema test already wrote it
+    assert main(["export", "--config", "configs/tiny.yaml", f"run_dir={workspace.run_dir}",
+                 f"tokenize.output={cfg.path('tokens')}", f"tokenize.export={tmp_path / 'cr'}"]) == 0
+    emb = np.load(tmp_path / "cr" / "img_emb" / "img_emb_00000.npy")
+    meta = pq.read_table(tmp_path / "cr" / "metadata" / "metadata_00000.parquet").to_pydict()
+    table, _ = schema.read_token_shards(cfg.path("tokens"))
+    first = table.slice(0, 16)
+    assert emb.dtype == np.float16 and emb.shape == (16, table.schema.field("clip_image_emb").type.list_size)
+    assert meta["key"] == first.column("key").to_pylist()
+    assert np.array_equal(emb, np.stack(first.column("clip_image_emb").to_numpy(zero_copy_only=False)))
