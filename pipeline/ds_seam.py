@@ -1,4 +1,4 @@
-"""The DeepSpeed seam: the ds_config built from the typed config, engine set-up, and checkpoints.
+"""The DeepSpeed seam: the ds_config built from the typed config, the launcher, engine set-up, and checkpoints.
 
 Only this module (and jobs/) imports deepspeed. Checkpoints follow the commit protocol: DeepSpeed's own ``latest``
 file is not used (it is written before the ranks finish); after a barrier, rank 0 writes ``complete.json`` in the tag
@@ -20,32 +20,80 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """A pure function of the typed config: what DeepSpeed gets, nothing implicit."""
+def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, warmup_steps: int, zero_stage: int,
+              bf16: bool, on_gpu: bool, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.01,
+              gradient_clipping: float = 1.0, min_lr_ratio: float = 0.1) -> dict[str, Any]:
+    """The ds_config of any model we train: AdamW, warm-up then cosine decay to ``min_lr_ratio``, ZeRO, bf16.
+
+    A pure function of its arguments; ``gradient_clipping`` 0 turns clipping off.
+    """
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.micro_batch_size * world_size,
-        "gradient_clipping": 1.0,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": gradient_clipping,
         "steps_per_print": 10**9,  # the training loop logs its own metrics
         "wall_clock_breakdown": False,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01,
+            "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay,
                        # DeepSpeed's fused CPU Adam needs a compiled op; torch's AdamW runs everywhere.
                        "torch_adam": not on_gpu},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": cfg.steps, "warmup_num_steps": min(cfg.warmup_steps, cfg.steps - 1),
-                       "cos_min_ratio": 0.1},
+            # DeepSpeed refuses a warm-up of 0 steps: at least 1, and never past the last step.
+            "params": {"total_num_steps": steps, "warmup_num_steps": max(1, min(warmup_steps, steps - 1)),
+                       "cos_min_ratio": min_lr_ratio},
         },
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
     }
-    if cfg.zero_stage == 3:
+    if zero_stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return ds
+
+
+def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The prior's ds_config: a pure function of the typed config, nothing implicit."""
+    return ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
+                     warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.bf16, on_gpu=on_gpu)
+
+
+def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_prefix: str) -> None:
+    """Run ``python -m <module> --config <config_file>`` on ``num_procs`` ranks through the deepspeed launcher.
+
+    CPU ranks (DS_ACCELERATOR=cpu, gloo) where there is no GPU. Every line goes to ``log_path``; lines starting with
+    ``echo_prefix`` (rank 0's progress) are echoed to stderr live. Raises RuntimeError with the log's tail on failure.
+    """
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port), "--module", module,
+           "--config", config_file]
+    with open(log_path, "w") as logf:
+        logf.write(" ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:  # stream rank 0's progress lines live; keep everything in the log
+            logf.write(line)
+            tail = (tail + [line.rstrip()])[-30:]
+            if line.startswith(echo_prefix):
+                print(line.rstrip(), file=sys.stderr, flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"deepspeed launcher exited {code}; log: {log_path}\n" + "\n".join(tail))
 
 
 def init_distributed() -> None:

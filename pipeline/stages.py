@@ -44,18 +44,28 @@ def load_images(cfg: Config, limit: int = 0) -> tuple[np.ndarray, list[str], lis
 
 
 def train_dvae(cfg: Config, images: np.ndarray | None = None) -> dict[str, Any]:
-    from pipeline import train_dvae as td
-
+    """Run ``pipeline.train_dvae`` on ``dvae.num_procs`` ranks through the deepspeed launcher; it streams the
+    committed image shards itself (``images`` is not used)."""
     t0 = time.time()
     if cfg.dvae.weights:  # OpenAI's published dVAE, or a checkpoint of ours: no training, same output layout
         from pipeline.dvae_openai import import_weights
 
         return _stamp(import_weights(cfg), t0)
-    if images is None:
-        images = load_images(cfg)[0]
-    result = td.train_dvae(cfg.dvae, images, cfg.path("dvae"), cfg.seed)
-    result["images"] = len(images)
-    return _stamp(result, t0)
+    from pipeline import ds_seam
+
+    out = Path(cfg.path("dvae"))
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "config.yaml"
+    resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log.info("train-dvae: %d ranks through the deepspeed launcher; log %s", cfg.dvae.num_procs, out / "launcher.log")
+    ds_seam.launch("pipeline.train_dvae", str(resolved), cfg.dvae.num_procs, str(out / "launcher.log"), "[train-dvae]")
+    if not (out / "metrics.json").exists():  # stopped early (dvae.stop_after_steps): resumable, no weights yet
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        last = [r for r in map(json.loads, lines) if r.get("kind") == "train"][-1:]
+        return _stamp({"stopped_after_step": last[0]["step"] if last else 0, "steps": cfg.dvae.steps,
+                       "loss": last[0]["loss"] if last else None, "checkpoint": ds_seam.latest_complete(str(out))},
+                      t0)
+    return _stamp(json.loads((out / "metrics.json").read_text())["result"], t0)
 
 
 def clip_arch(cfg: Config) -> str:
@@ -94,6 +104,10 @@ def tokenize(cfg: Config) -> dict[str, Any]:
     from pipeline import ray_seam
 
     t0 = time.time()
+    if cfg.dvae.weights and not Path(cfg.path("dvae"), "dvae.pt").exists():  # e.g. OpenAI's: import it first
+        from pipeline.dvae_openai import import_weights
+
+        import_weights(cfg)
     ray_seam.init_ray(cfg)
     return _stamp(ray_seam.run_tokenize(cfg, encoder_spec(cfg)), t0)
 

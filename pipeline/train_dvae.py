@@ -1,21 +1,48 @@
-"""Train the dVAE on the committed image shards (single process; stage one of DALL-E)."""
+"""Per-rank training entry for the dVAE (DALL-E stage one), started by the ``deepspeed`` launcher.
+
+    deepspeed --num_gpus N --module pipeline.train_dvae --config FILE [dotted.key=value ...]
+
+(``python -m pipeline train-dvae`` starts it that way; run without the launcher it is one rank.) The same DeepSpeed
+engine, checkpoints and resume as the prior (``pipeline.ds_seam``). Every rank streams images from the committed image
+shards: a global index of (shard, row) is built from the commit markers' ``successes`` counts without decoding
+anything, a seeded set of ``dvae.heldout_images`` is held out for evaluation, and each step's rows are a pure function
+of (seed, step, rank, world) (``ShardStream``), so a resumed run sees exactly the images, Gumbel noise and losses of an
+uninterrupted one. Rank 0 writes ``metrics.jsonl`` (and TensorBoard scalars into ``tb/`` where tensorboard is
+installed), held-out reconstruction grids ``recon_step{N:06d}.png``, and at the end the consolidated weights
+``dvae.pt`` (what tokenize and sample load) and ``metrics.json`` with the held-out evaluation.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
-import logging
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from torch import nn
 
-from pipeline import shards
-from pipeline.config import DVAEConfig
+from pipeline import ds_seam, shards
+from pipeline.config import Config, DVAEConfig, load_config
 from pipeline.dvae import DVAE, DVAEShape, kl_weight_at, save_dvae, temperature_at
-from pipeline.progress import Progress
 
-log = logging.getLogger(__name__)
+PREFIX = "[train-dvae]"
+MIN_LR_RATIO = 0.05  # cosine decay to lr / 20
+STAT_KEYS = ("loss", "recon", "recon_mse", "kl")
+_STEP_DIR = re.compile(r"^step\d{8}$")
 
 
 def load_image_array(images_folder: str, size: int, limit: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
@@ -37,43 +64,483 @@ def dvae_shape(cfg: DVAEConfig) -> DVAEShape:
                      n_blk_per_group=cfg.n_blk_per_group, n_init=cfg.n_init, recon=cfg.recon)
 
 
-def train_dvae(cfg: DVAEConfig, images: np.ndarray, out_dir: str, seed: int) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    shape = dvae_shape(cfg)
-    size = images.shape[1]
+# --------------------------------------------------------------------------------------------------------- data
+
+
+def shard_counts(folder: str) -> dict[int, int]:
+    """Shard id → images in it, from the commit markers alone (a marker without ``successes`` is read and counted)."""
+    counts = {}
+    for sid, manifest in shards.committed_image_shards(folder).items():
+        n = manifest.get("successes")
+        counts[sid] = int(n) if n is not None else len(shards.read_shard_samples(folder, sid))
+    if not sum(counts.values()):
+        raise FileNotFoundError(f"{folder}: no committed images to train on")
+    return counts
+
+
+def choose_heldout(counts: dict[int, int], wanted: int, seed: int) -> list[tuple[int, int]]:
+    """A seeded set of (shard, row) never trained on: ``wanted`` (at most a fifth of the images) drawn from the first
+    shards holding 4× that many, so evaluation reads a shard or two, not the whole dataset."""
+    n = min(wanted, sum(counts.values()) // 5)
+    if n <= 0:
+        return []
+    pool: list[tuple[int, int]] = []
+    for sid, count in counts.items():
+        pool += [(sid, r) for r in range(count)]
+        if len(pool) >= 4 * n:
+            break
+    pick = np.random.default_rng([seed, 0x4E1D]).choice(len(pool), n, replace=False)
+    return sorted(pool[i] for i in pick)
+
+
+class ShardStream:
+    """Which (shard, row)s rank ``rank`` of ``world`` trains on at each step: a pure function of its arguments.
+
+    Epoch ``e`` permutes the shards with seed (seed, e). With at least ``world`` shards, rank r takes every world-th
+    shard of that order (ranks read disjoint shards); with fewer, every rank walks all of them and takes every
+    world-th row. The rank's shards are cut into windows of ``window`` shards whose rows are shuffled together, so a
+    rank holds about one window of shards at a time. Steps take consecutive ``micro`` rows of the rank's stream,
+    running on into the next epoch.
+    """
+
+    def __init__(self, rows: dict[int, np.ndarray], seed: int, rank: int, world: int, window: int):
+        self.rows = {sid: r for sid, r in rows.items() if len(r)}
+        self.shard_ids = np.array(sorted(self.rows), dtype=np.int64)
+        total = sum(len(r) for r in self.rows.values())
+        if total < world:
+            raise ValueError(f"{total} training images cannot be split between {world} ranks")
+        self.seed, self.rank, self.world, self.window = seed, rank, world, window
+        self.split_shards = len(self.shard_ids) >= world
+        self._starts = [0]  # stream position where each epoch begins
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _my_shards(self, epoch: int) -> np.ndarray:
+        order = self.shard_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_ids))]
+        return order[self.rank:: self.world] if self.split_shards else order
+
+    def epoch_length(self, epoch: int) -> int:
+        n = sum(len(self.rows[int(s)]) for s in self._my_shards(epoch))
+        return n if self.split_shards else len(range(self.rank, n, self.world))
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(length, 2) array of (shard, row) for this rank's epoch."""
+        if epoch in self._orders:
+            self._orders.move_to_end(epoch)
+            return self._orders[epoch]
+        mine = self._my_shards(epoch)
+        parts = []
+        for w, start in enumerate(range(0, len(mine), self.window)):
+            items = np.concatenate([np.stack([np.full(len(self.rows[int(s)]), s), self.rows[int(s)]], 1)
+                                    for s in mine[start: start + self.window]])
+            who = self.rank if self.split_shards else 0
+            parts.append(items[np.random.default_rng([self.seed, epoch, w, who]).permutation(len(items))])
+        order = np.concatenate(parts)
+        if not self.split_shards:
+            order = order[self.rank:: self.world]
+        self._orders[epoch] = order
+        if len(self._orders) > 2:
+            self._orders.popitem(last=False)
+        return order
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """Rows at stream positions [start, start + count)."""
+        while self._starts[-1] <= start + count:
+            self._starts.append(self._starts[-1] + self.epoch_length(len(self._starts) - 1))
+        out, pos = [], start
+        while pos < start + count:
+            epoch = int(np.searchsorted(self._starts, pos, side="right")) - 1
+            order = self.epoch_order(epoch)
+            lo = pos - self._starts[epoch]
+            hi = min(len(order), lo + start + count - pos)
+            out.append(order[lo:hi])
+            pos += hi - lo
+        return np.concatenate(out)
+
+    def step_rows(self, step: int, micro: int) -> np.ndarray:
+        return self.take(step * micro, micro)
+
+
+class ShardCache:
+    """A rank's few most recently read shards (their encoded samples); images are decoded when a batch needs them."""
+
+    def __init__(self, folder: str, counts: dict[int, int], size: int, capacity: int):
+        self.folder, self.counts, self.size, self.capacity = folder, counts, size, capacity
+        self._shards: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()
+        self.reads = 0
+
+    def samples(self, sid: int) -> list[dict[str, Any]]:
+        if sid in self._shards:
+            self._shards.move_to_end(sid)
+            return self._shards[sid]
+        samples = shards.read_shard_samples(self.folder, sid)
+        self.reads += 1
+        if len(samples) != self.counts[sid]:
+            raise ValueError(f"{self.folder}: shard {sid} holds {len(samples)} images but its commit marker says "
+                             f"{self.counts[sid]}")
+        self._shards[sid] = samples
+        while len(self._shards) > self.capacity:
+            self._shards.popitem(last=False)
+        return samples
+
+    def images(self, rows: np.ndarray) -> torch.Tensor:
+        """(n, 2) (shard, row) → (n, 3, S, S) float in [0, 1]."""
+        arr = np.stack([shards.decode_image(self.samples(int(s))[int(r)]["image"], self.size) for s, r in rows])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+class DVAELoss(nn.Module):
+    """What the engine runs: the dVAE's relaxed ELBO as its forward, so the engine sees every call."""
+
+    def __init__(self, dvae: DVAE):
+        super().__init__()
+        self.dvae = dvae
+
+    def forward(self, x: torch.Tensor, temperature: float, kl_weight: float,
+                input_noise: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.dvae.loss(x, temperature, kl_weight, input_noise)
+
+
+@torch.no_grad()
+def evaluate(model: DVAE, images: torch.Tensor, batch: int = 64) -> tuple[dict[str, Any], torch.Tensor]:
+    """Hard-code reconstructions (encode → codes → decode: what tokenize + sample give) of held-out images.
+
+    Returns the figures and the reconstructions. PSNR is of the mean MSE over the set; perplexity is exp of the
+    entropy of the code histogram over every held-out grid position; a dead code is one no held-out image uses.
+    Baselines: ``constant_baseline_mse`` predicts one constant image for every input (the held-out set's own mean
+    image, the best constant there is); ``flat_colour_baseline_mse`` predicts each image's own mean colour.
+    """
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    codes, recons = [], []
+    for i in range(0, len(images), batch):
+        x = images[i: i + batch].to(next(model.parameters()).device)
+        c = model.encode(x.to(dtype))
+        codes.append(c.cpu())
+        recons.append(model.decode(c).float().clamp(0, 1).cpu())
+    model.train(was_training)
+    codes_all, rec = torch.cat(codes), torch.cat(recons)
+    x = images.float()
+    mse = float(torch.mean((rec - x) ** 2))
+    hist = torch.bincount(codes_all.flatten(), minlength=model.shape.vocab_size).double()
+    p = hist[hist > 0] / hist.sum()
+    used = int((hist > 0).sum())
+    return {"heldout_mse": mse, "heldout_psnr": psnr(mse),
+            "constant_baseline_mse": float(torch.mean((x.mean(0, keepdim=True) - x) ** 2)),
+            "flat_colour_baseline_mse": float(torch.mean((x.mean(dim=(2, 3), keepdim=True) - x) ** 2)),
+            "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": used,
+            "dead_codes": model.shape.vocab_size - used}, rec
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: str, max_images: int = 16) -> None:
+    """Held-out originals in the top row, their reconstructions below, upscaled to at least 64 px."""
+    n = min(max_images, len(originals))
+    size = originals.shape[-1]
+    scale, pad = max(1, 64 // size), 2
+    cell = size * scale
+    grid = Image.new("RGB", (n * (cell + pad) + pad, 2 * (cell + pad) + pad), (255, 255, 255))
+    for row, imgs in enumerate((originals, recons)):
+        for i in range(n):
+            arr = (imgs[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (pad + i * (cell + pad), pad + row * (cell + pad)))
+    tmp = f"{path}.tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def run_settings(cfg: Config, counts: dict[int, int], world: int) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (``steps`` may grow)."""
+    d = cfg.dvae
+    return {"shape": asdict(dvae_shape(d)), "seed": cfg.seed, "image_size": cfg.download.image_size,
+            "batch_size": d.batch_size, "world_size": world, "heldout_images": d.heldout_images,
+            "window_shards": d.window_shards, "zero_stage": d.zero_stage, "bf16": d.bf16,
+            "shards": {str(k): v for k, v in counts.items()}}
+
+
+def _fresh_start(out: Path) -> None:
+    """Rank 0, when not resuming: remove what an earlier run left here (only files this module writes)."""
+    for p in out.iterdir():
+        name = p.name
+        if p.is_dir() and (_STEP_DIR.match(name) or name == "tb"):
+            shutil.rmtree(p)
+        elif name in ("latest_complete", "metrics.jsonl", "metrics.json", "dvae.pt", "_run.json") or (
+                name.startswith("recon_step") and name.endswith(".png")):
+            p.unlink()
+
+
+def _prune_checkpoints(out: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    tags = sorted(p.name for p in out.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    latest = ds_seam.latest_complete(str(out))
+    for tag in tags[:-keep]:
+        if tag != latest:
+            shutil.rmtree(out / tag, ignore_errors=True)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+class _Scalars:
+    """TensorBoard scalars (and grids) on rank 0 where tensorboard is installed; nothing otherwise."""
+
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(log_dir=str(folder))
+
+    def add(self, prefix: str, record: dict[str, Any], step: int) -> None:
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(cfg: Config, rank: int, world: int) -> dict[str, Any] | None:
+    """Train on this rank; returns the final result on rank 0 (None elsewhere, or when stopped early)."""
+    d, out = cfg.dvae, Path(cfg.path("dvae"))
+    size = cfg.download.image_size
+    shape = dvae_shape(d)
     if size % shape.downsample:
         raise ValueError(f"image size {size} is not divisible by the dVAE downsampling {shape.downsample}")
-    model = DVAE(shape)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.05)
-    data = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    gen = torch.Generator().manual_seed(seed)
-    progress = Progress("train-dvae", total=cfg.steps, unit="steps")
-    history: list[dict[str, float]] = []
-    model.train()
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(data), (min(cfg.batch_size, len(data)),), generator=gen)
-        tau = temperature_at(step, cfg.steps, cfg.temp_start, cfg.temp_end)
-        loss, stats = model.loss(data[idx], tau, kl_weight_at(step, cfg.kl_warmup_steps, cfg.kl_weight),
-                                 cfg.input_noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append({"step": step + 1, "tau": tau, **stats})
-        progress.update(1, f"loss {stats['loss']:.4f} mse {stats['recon_mse']:.4f} kl {stats['kl']:.3f} tau {tau:.3f}")
-    progress.close()
-    model.eval()
-    with torch.no_grad():  # hard-code reconstruction error: what tokenize + decode will actually give
-        probe = data[: min(256, len(data))]
-        hard_mse = float(torch.mean((model.decode(model.encode(probe)) - probe) ** 2))
-        used = int(torch.unique(model.encode(data[: min(1024, len(data))])).numel())
-    out = Path(out_dir)
+    if d.batch_size % world:
+        raise ValueError(f"dvae.batch_size {d.batch_size} is not divisible by the {world} ranks")
+    micro = d.batch_size // world
     out.mkdir(parents=True, exist_ok=True)
-    result = {"steps": cfg.steps, "final_loss": float(np.mean([h["loss"] for h in history[-20:]])),
-              "hard_recon_mse": hard_mse, "codes_used": used, "vocab_size": cfg.vocab_size,
-              "grid": shape.grid(size), "image_size": size, "seconds": progress.elapsed}
-    save_dvae(model, str(out / "dvae.pt"), extra=result)
-    (out / "metrics.json").write_text(json.dumps({"result": result, "history": history}))
-    log.info("dvae: hard-code recon mse %.5f, %d/%d codes used", hard_mse, used, cfg.vocab_size)
+    folder = cfg.path("images")
+    box = [shard_counts(folder) if rank == 0 else None]
+    if torch.distributed.is_initialized():  # one rank reads the markers; every rank trains on the same index
+        torch.distributed.broadcast_object_list(box, src=0)
+    counts: dict[int, int] = box[0]
+    heldout = choose_heldout(counts, d.heldout_images, cfg.seed)
+    rows = {sid: np.delete(np.arange(n, dtype=np.int64), [r for s, r in heldout if s == sid])
+            for sid, n in counts.items()}
+    stream = ShardStream(rows, cfg.seed, rank, world, d.window_shards)
+    cache = ShardCache(folder, counts, size, capacity=2 * d.window_shards)
+    settings = run_settings(cfg, counts, world)
+
+    tag = ds_seam.latest_complete(str(out)) if d.resume else None
+    run_file = out / "_run.json"
+    if tag is not None and run_file.exists():
+        old = json.loads(run_file.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise ds_seam.CheckpointError(
+                f"{out}: its checkpoint {tag} was trained with other settings ({'; '.join(changed)}); set "
+                f"dvae.resume=false to start over, or use another dvae.output")
+    if tag is not None and (out / "dvae.pt").exists() and (out / "metrics.json").exists():
+        done_step = int(json.loads((out / tag / "complete.json").read_text())["step"])
+        if done_step >= d.steps:
+            if rank == 0:
+                print(f"{PREFIX} already trained to step {done_step}; nothing to do", flush=True)
+                return json.loads((out / "metrics.json").read_text())["result"]
+            return None
+    if rank == 0:
+        if tag is None:
+            _fresh_start(out)
+        run_file.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+    torch.manual_seed(cfg.seed)
+    model = DVAELoss(DVAE(shape))
+    on_gpu = torch.cuda.is_available()
+    ds_cfg = ds_seam.ds_config(micro_batch_size=micro, world_size=world, lr=d.lr, steps=d.steps,
+                               warmup_steps=d.warmup_steps, zero_stage=d.zero_stage, bf16=d.bf16, on_gpu=on_gpu,
+                               betas=(0.9, 0.999), weight_decay=0.0, gradient_clipping=0.0,
+                               min_lr_ratio=MIN_LR_RATIO)
+    engine = ds_seam.initialize(model, ds_cfg)
+    device = engine.device
+    dtype = torch.bfloat16 if d.bf16 else torch.float32
+    start = 0
+    if tag is not None:
+        state = ds_seam.load_checkpoint(engine, str(out), tag)
+        start = int(state["step"])
+        if rank == 0:
+            print(f"{PREFIX} resumed from {out}/{tag} at step {start}", flush=True)
+    end = max(start, min(d.steps, d.stop_after_steps)) if d.stop_after_steps else d.steps
+
+    heldout_x = cache.images(np.array(heldout, dtype=np.int64).reshape(-1, 2)) if rank == 0 and heldout else None
+    metrics_path = out / "metrics.jsonl"
+    scalars = None
+    if rank == 0:  # drop what an interrupted run logged past its checkpoint, so the log reads as one run
+        kept = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        scalars = _Scalars(out / "tb")
+        print(f"{PREFIX} {sum(counts.values())} images in {len(counts)} shards, {len(heldout)} held out; "
+              f"{world} ranks × {micro} images per step; steps {start}..{end} of {d.steps}", flush=True)
+
+    def eval_and_grid(module: DVAE, step: int) -> dict[str, Any]:
+        figures, rec = evaluate(module, heldout_x)
+        grid = out / f"recon_step{step:06d}.png"
+        write_grid(heldout_x, rec, str(grid))
+        record = {"kind": "eval", "step": step, **figures}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars.add("eval", record, step)
+        scalars.image("recon", str(grid), step)
+        f = figures
+        print(f"{PREFIX} eval step {step}: held-out mse {f['heldout_mse']:.5f} psnr {f['heldout_psnr']:.2f} dB "
+              f"(baselines: constant image {f['constant_baseline_mse']:.5f}, flat colour "
+              f"{f['flat_colour_baseline_mse']:.5f}); perplexity {f['perplexity']:.1f}, "
+              f"{f['codes_used']}/{shape.vocab_size} codes used", flush=True)
+        return figures
+
+    def batch(step: int) -> torch.Tensor:
+        return cache.images(stream.step_rows(step, micro))
+
+    # One thread reads and decodes step n+1's images while step n trains (the rows are known in advance).
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="dvae-prefetch")
+    upcoming = prefetch.submit(batch, start) if start < end else None
+    t0, window, seen, last_saved = time.time(), torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64), 0, start
+    engine.train()
+    for step in range(start, end):
+        x = upcoming.result().to(device=device, dtype=dtype)
+        if step + 1 < end:
+            upcoming = prefetch.submit(batch, step + 1)
+        tau = temperature_at(step, d.steps, d.temp_start, d.temp_end)
+        beta = kl_weight_at(step, d.kl_warmup_steps, d.kl_weight)
+        torch.manual_seed(_step_seed(cfg.seed, step, rank))  # the Gumbel and input noise of this step, on resume too
+        loss, stats = engine(x, tau, beta, d.input_noise)
+        engine.backward(loss)
+        engine.step()
+        window += torch.tensor([*(stats[k] for k in STAT_KEYS), 1.0], dtype=torch.float64)
+        seen += micro * world
+        done = step + 1
+        if done % d.log_every == 0 or done == end:
+            torch.distributed.all_reduce(window)
+            mean = {k: float(window[i] / window[-1]) for i, k in enumerate(STAT_KEYS)}
+            window.zero_()
+            if rank == 0:
+                elapsed = time.time() - t0
+                rec = {"kind": "train", "step": done, **mean, "tau": tau, "kl_weight": beta,
+                       "lr": float(engine.get_lr()[0]), "images_per_s": seen / elapsed, "elapsed_s": elapsed}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                scalars.add("train", rec, done)
+                print(f"{PREFIX} step {done}/{d.steps} loss {mean['loss']:.4f} mse {mean['recon_mse']:.4f} "
+                      f"kl {mean['kl']:.3f} tau {tau:.3f} {rec['images_per_s']:.0f} images/s", flush=True)
+        if rank == 0 and heldout_x is not None and d.grid_every and done % d.grid_every == 0 and done < d.steps:
+            eval_and_grid(engine.module.dvae, done)
+        if (d.save_every and done % d.save_every == 0) or done == end:
+            ds_seam.save_checkpoint(engine, str(out), done, {"step": done, "seed": cfg.seed,
+                                                             "images_seen": done * d.batch_size})
+            last_saved = done
+            if rank == 0:
+                _prune_checkpoints(out, d.keep_checkpoints)
+    prefetch.shutdown()
+    if end < d.steps:
+        if rank == 0:
+            print(f"{PREFIX} stopped after step {end} (dvae.stop_after_steps); checkpoint {out}/step{end:08d}",
+                  flush=True)
+            scalars.close()
+        return None
+    if last_saved < d.steps:  # resumed at the end but the final weights were never written
+        ds_seam.save_checkpoint(engine, str(out), d.steps, {"step": d.steps, "seed": cfg.seed,
+                                                            "images_seen": d.steps * d.batch_size})
+    state = ds_seam.consolidated_state_dict(engine, d.zero_stage)
+    if rank != 0 or state is None:
+        return None
+    final = DVAE(shape)
+    final.load_state_dict({k.removeprefix("dvae."): v for k, v in state.items()})
+    final.eval()
+    train_hist = [r for r in _read_jsonl(metrics_path) if r["kind"] == "train"]
+    result: dict[str, Any] = {
+        "steps": d.steps, "final_loss": train_hist[-1]["loss"] if train_hist else None,
+        "final_recon_mse": train_hist[-1]["recon_mse"] if train_hist else None,
+        "ranks": world, "zero_stage": d.zero_stage, "train_images": int(sum(len(r) for r in rows.values())),
+        "heldout_images": len(heldout), "vocab_size": d.vocab_size, "grid": shape.grid(size), "image_size": size,
+        "shard_reads": cache.reads, "seconds": round(time.time() - t0, 2),
+        "images_per_s": seen / max(time.time() - t0, 1e-9),
+    }
+    if heldout_x is not None:
+        figures = eval_and_grid(final, d.steps)
+        result.update(figures, recon_grid=str(out / f"recon_step{d.steps:06d}.png"))
+    scalars.close()
+    history = _read_jsonl(metrics_path)
+    tmp = out / "dvae.pt.tmp"
+    save_dvae(final, str(tmp), extra=result)
+    os.replace(tmp, out / "dvae.pt")
+    doc = {"result": result, "history": [r for r in history if r["kind"] == "train"],
+           "evals": [r for r in history if r["kind"] == "eval"]}
+    (out / "metrics.json.tmp").write_text(json.dumps(doc))
+    os.replace(out / "metrics.json.tmp", out / "metrics.json")
     return result
+
+
+@contextlib.contextmanager
+def _single_rank_env() -> Iterator[bool]:
+    """Outside the launcher (no WORLD_SIZE): make this process rank 0 of 1 for as long as it trains."""
+    if "WORLD_SIZE" in os.environ:
+        yield False
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield True
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    threads = torch.get_num_threads()
+    with _single_rank_env() as standalone:
+        world = int(os.environ["WORLD_SIZE"])
+        if not torch.cuda.is_available():  # CPU ranks share the machine's cores (OMP_NUM_THREADS, if set, wins)
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world)))
+        ds_seam.init_distributed()
+        try:
+            return train(cfg, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        finally:
+            # The one-rank process group stays for a later call in this process: DeepSpeed caches its groups.
+            if standalone:
+                torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DVAEConfig
-from pipeline.data import synth
 from pipeline.dvae import DVAE, DVAEShape, load_dvae, save_dvae, temperature_at
-from pipeline.train_dvae import train_dvae
+from pipeline.train_dvae import ShardStream, choose_heldout
 
 
 def test_shapes_and_grid():
@@ -24,21 +22,6 @@ def test_temperature_anneals_to_end():
     assert temperature_at(99, 100, 1.0, 1 / 16) == pytest.approx(1 / 16)
 
 
-def test_training_reduces_loss_and_roundtrips(tmp_path):
-    samples, _ = synth.make_samples(64, 0.1, seed=0)
-    images = np.stack([np.asarray(synth.render(s, 16)) for s in samples])
-    cfg = DVAEConfig(vocab_size=32, n_hid=8, group_count=2, steps=150, batch_size=16, lr=3e-3)
-    result = train_dvae(cfg, images, str(tmp_path), seed=0)
-    import json
-
-    hist = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert np.mean([h["loss"] for h in hist[-10:]]) < 0.8 * np.mean([h["loss"] for h in hist[:5]])
-    assert result["grid"] == 8 and np.isfinite(result["hard_recon_mse"])
-    model = load_dvae(str(tmp_path / "dvae.pt"))
-    x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255
-    assert torch.equal(model.encode(x), model.encode(x))
-
-
 def test_load_rejects_foreign_file(tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"weights": 1}, p)
@@ -46,3 +29,46 @@ def test_load_rejects_foreign_file(tmp_path):
         load_dvae(str(p))
     save_dvae(DVAE(DVAEShape(vocab_size=8, n_hid=4, group_count=1, n_blk_per_group=1)), str(p))
     assert load_dvae(str(p)).shape.vocab_size == 8
+
+
+def _stream_rows(counts, heldout):
+    held = set(heldout)
+    return {s: np.array([r for r in range(n) if (s, r) not in held], dtype=np.int64) for s, n in counts.items()}
+
+
+def test_heldout_is_seeded_capped_and_drawn_from_the_first_shards():
+    counts = {0: 30, 1: 30, 2: 30, 3: 30}
+    held = choose_heldout(counts, 10, seed=0)
+    assert held == choose_heldout(counts, 10, seed=0) and held != choose_heldout(counts, 10, seed=1)
+    assert len(held) == len(set(held)) == 10 and {s for s, _ in held} <= {0, 1}
+    assert len(choose_heldout(counts, 64, seed=0)) == 24  # at most a fifth of the 120 images
+    assert choose_heldout(counts, 0, seed=0) == []
+
+
+@pytest.mark.parametrize("counts,world", [({0: 10, 1: 7, 2: 12, 3: 5, 4: 9}, 2), ({0: 10, 1: 7}, 3),
+                                          ({0: 13}, 1)])
+def test_shard_stream_is_a_pure_function_covering_each_epoch_once(counts, world):
+    heldout = choose_heldout(counts, 3, seed=5)
+    rows = _stream_rows(counts, heldout)
+    train = {(s, int(r)) for s, rr in rows.items() for r in rr}
+    streams = [ShardStream(rows, seed=5, rank=r, world=world, window=2) for r in range(world)]
+    epoch0 = [st.epoch_order(0) for st in streams]
+    seen = [tuple(x) for order in epoch0 for x in order.tolist()]
+    assert sorted(seen) == sorted(train) and not set(seen) & set(heldout)  # every training row once per epoch
+    if len(counts) >= world:  # ranks read disjoint shards within an epoch
+        shard_sets = [set(order[:, 0].tolist()) for order in epoch0]
+        assert all(not a & b for i, a in enumerate(shard_sets) for b in shard_sets[i + 1:])
+    for r, st in enumerate(streams):  # a fresh stream (a resumed rank) gives the same rows for any step
+        fresh = ShardStream(rows, seed=5, rank=r, world=world, window=2)
+        for step in (37, 0, 5, 36):
+            assert np.array_equal(fresh.step_rows(step, 4), st.step_rows(step, 4))
+        assert not np.array_equal(st.epoch_order(1), st.epoch_order(2)) or len(st.epoch_order(1)) < 2
+
+
+def test_shard_stream_runs_on_across_epochs():
+    rows = {0: np.arange(5), 1: np.arange(4)}
+    st = ShardStream(rows, seed=0, rank=0, world=1, window=1)
+    a, b = st.epoch_order(0), st.epoch_order(1)
+    assert np.array_equal(st.take(7, 4), np.concatenate([a[7:], b[:2]]))
+    # each window of one shard is one shard's rows, shuffled: a rank reads one shard at a time
+    assert len(set(a[:5, 0].tolist())) == 1 or len(set(a[:4, 0].tolist())) == 1
