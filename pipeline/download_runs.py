@@ -105,5 +105,6 @@ def summarize(output: str, failed: dict[int, str], run: dict[str, Any]) -> dict[
         "bytes_written": sum(m.get("bytes_written", 0) for m in committed.values()),
         "this_run": run,
     }
-    commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
+    if run.get("shards") or failed or not fs.exists(f"{out}/_summary.json"):  # a no-op rerun rewrites nothing
+        commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
     return summary

@@ -205,7 +205,8 @@ def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:
     summary = {"shards_written": len(written), "shards_skipped": len(done), "shards_failed": failed,
                "rows_in": expected_rows, "rows": sum(m["rows"] for m in written.values()), "rejects": n_rejects,
                "seconds": progress.elapsed, "rows_per_s": expected_rows / max(progress.elapsed, 1e-9)}
-    commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
+    if written or failed or not fs.exists(f"{out}/_summary.json"):  # a rerun with nothing to do rewrites nothing
+        commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
     return summary
 
 

@@ -30,9 +30,8 @@ def url_list(tmp_path, server, samples, name="urls.parquet", url_col="url", capt
 
 
 def shard_mtimes(out):
-    """Committed shard files and _run.json (the per-run _summary.json is rewritten by design)."""
-    return {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out)
-            if not p.startswith("_") or p == "_run.json"}
+    """Every file the run left at the top of its folder (a rerun with nothing to do rewrites none of them)."""
+    return {p: os.path.getmtime(os.path.join(out, p)) for p in os.listdir(out) if os.path.isfile(os.path.join(out, p))}
 
 
 def cfg_for(tmp_path, inp, *extra):
