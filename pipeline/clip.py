@@ -82,7 +82,7 @@ def image_input(bundle: ClipBundle, images: np.ndarray) -> torch.Tensor:
     return (x - bundle.mean.to(device)) / bundle.std.to(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: a few % faster than no_grad on CPU
 def encode_images(bundle: ClipBundle, images: np.ndarray) -> np.ndarray:
     """L2-normalised image embeddings, (B, D) float32."""
     with _autocast(bundle):
@@ -90,7 +90,7 @@ def encode_images(bundle: ClipBundle, images: np.ndarray) -> np.ndarray:
     return F.normalize(emb.float(), dim=-1).cpu().numpy()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_texts(bundle: ClipBundle, captions: list[str]) -> np.ndarray:
     """L2-normalised text embeddings, (B, D) float32."""
     device = next(bundle.model.parameters()).device
