@@ -251,10 +251,20 @@ class TokenizeConfig:
         _check(self.num_encoders > 0, "tokenize.num_encoders", "must be > 0")
 
 
+PRIOR_SIZES: dict[str, tuple[int, int, int]] = {
+    # name: (n_layer, n_head, n_embd). 12b is the DALL-E paper's (64 layers, d_model 3968, 62 heads of 64); the
+    # others keep 64-wide heads. With DALL-E's vocabularies (16384 text, 8192 image, 256 + 1024 positions) they
+    # count 0.34 B, 1.28 B, 4.18 B and 12.23 B parameters (tests/test_prior_sizes.py).
+    "tiny": (4, 4, 128), "350m": (24, 16, 1024), "1.3b": (24, 32, 2048), "4b": (36, 48, 3072), "12b": (64, 62, 3968),
+}
+
+
 @dataclass
 class PriorConfig:
     """The DALL-E 1 autoregressive transformer over text + image tokens, trained with DeepSpeed."""
 
+    size: str = ""
+    """A named size (tiny, 350m, 1.3b, 4b, 12b) that sets n_layer, n_head and n_embd; empty: use those keys."""
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -271,11 +281,16 @@ class PriorConfig:
     """Ranks started by the deepspeed launcher (CPU ranks on a CPU machine)."""
     bf16: bool = False
     activation_checkpointing: bool = False
+    ds_config: str = ""
+    """A DeepSpeed config JSON applied over the one built from these keys (its values win, nested sections merge)."""
     log_every: int = 20
     output: str = ""
     """Checkpoint folder; empty means <run_dir>/prior."""
 
     def __post_init__(self) -> None:
+        if self.size:
+            _check(self.size in PRIOR_SIZES, "prior.size", f"must be one of {', '.join(PRIOR_SIZES)}")
+            self.n_layer, self.n_head, self.n_embd = PRIOR_SIZES[self.size]
         for name in ("n_layer", "n_head", "n_embd", "text_len", "steps", "micro_batch_size", "num_procs", "log_every"):
             _check(getattr(self, name) > 0, f"prior.{name}", "must be > 0")
         _check(self.n_embd % self.n_head == 0, "prior.n_embd", "must be divisible by prior.n_head")

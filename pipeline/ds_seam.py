@@ -55,9 +55,27 @@ def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, 
 
 
 def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The prior's ds_config: a pure function of the typed config, nothing implicit."""
-    return ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
-                     warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.bf16, on_gpu=on_gpu)
+    """The prior's ds_config: a pure function of the typed config, then the user's ``prior.ds_config`` JSON on top."""
+    built = ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
+                      warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.bf16, on_gpu=on_gpu)
+    if not cfg.ds_config:
+        return built
+    try:
+        with open(cfg.ds_config) as f:
+            user = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"prior.ds_config {cfg.ds_config}: not a readable JSON file ({exc})") from exc
+    if not isinstance(user, dict):
+        raise ValueError(f"prior.ds_config {cfg.ds_config}: top level must be a JSON object")
+    return merge(built, user)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` applied over ``base``, recursively for nested sections (the user's values win)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_prefix: str) -> None:

@@ -33,3 +33,18 @@ def test_load_that_finds_nothing_raises():
 
     with pytest.raises(ds_seam.CheckpointError, match="found no checkpoint"):
         ds_seam.load_checkpoint(Engine(), "/x", "step1")
+
+
+def test_user_ds_config_json_really_overrides(tmp_path):
+    import json
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+                                "optimizer": {"params": {"lr": 3e-4}}}))
+    ds = ds_seam.build_ds_config(PriorConfig(zero_stage=3, ds_config=str(user)), world_size=2, on_gpu=True)
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["zero_optimization"] == {**ds["zero_optimization"], "stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["optimizer"]["type"] == "AdamW"  # untouched keys of a merged section stay
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: top level must be a JSON object"):
+        ds_seam.build_ds_config(PriorConfig(ds_config=str(tmp_path / "bad.json")), world_size=2, on_gpu=False)
