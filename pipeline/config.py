@@ -279,6 +279,8 @@ class PriorConfig:
     zero_stage: int = 2
     num_procs: int = 2
     """Ranks started by the deepspeed launcher (CPU ranks on a CPU machine)."""
+    launcher: str = "deepspeed"
+    """deepspeed: the deepspeed launcher (local or --hostfile); ray: Ray Train's TorchTrainer, num_procs workers."""
     bf16: bool = False
     activation_checkpointing: bool = False
     ds_config: str = ""
@@ -299,6 +301,7 @@ class PriorConfig:
         _check(self.warmup_steps >= 0, "prior.warmup_steps", "must be >= 0")
         _check(self.text_loss_weight >= 0, "prior.text_loss_weight", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), "prior.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.launcher in ("deepspeed", "ray"), "prior.launcher", "must be deepspeed or ray")
 
 
 @dataclass

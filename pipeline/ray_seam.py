@@ -229,6 +229,43 @@ def _empty_rows(metadata: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+def run_train_prior(cfg: Config) -> None:
+    """The prior on Ray Train: a ``TorchTrainer`` of ``prior.num_procs`` workers (GPUs when the cluster has them)
+    running ``pipeline.train_prior.train`` on each rank with the same DeepSpeed engine as the deepspeed launcher."""
+    import dataclasses
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.prior.num_procs
+    # Ray Train runs workers in their own folders: every path the ranks use must be absolute.
+    run_dir = os.path.abspath(cfg.run_dir)
+    absolute = {k: os.path.abspath(v) if v and "://" not in v else v
+                for k, v in {"images": cfg.download.output, "tokens": cfg.tokenize.output,
+                             "prior": cfg.prior.output}.items()}
+    job_cfg = dataclasses.replace(
+        cfg, run_dir=run_dir,
+        download=dataclasses.replace(cfg.download, output=absolute["images"]),
+        tokenize=dataclasses.replace(cfg.tokenize, output=absolute["tokens"]),
+        prior=dataclasses.replace(cfg.prior, output=absolute["prior"]))
+
+    def loop(_: dict[str, Any]) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported in this worker
+        from pipeline import ds_seam
+        from pipeline.train_prior import train
+
+        ds_seam.init_distributed()  # Ray Train already made the process group; DeepSpeed adopts it
+        train(job_cfg, torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+    trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=cfg.prior.num_procs, use_gpu=use_gpu),
+                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                           run_config=RunConfig(name="train-prior", storage_path=os.path.join(run_dir, "ray_train")))
+    trainer.fit()
+
+
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()

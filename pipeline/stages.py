@@ -127,6 +127,12 @@ def train_prior(cfg: Config) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.prior.launcher == "ray":  # Ray Train's TorchTrainer runs the same per-rank function on its workers
+        from pipeline import ray_seam
+
+        ray_seam.init_ray(cfg)
+        ray_seam.run_train_prior(cfg)
+        return _prior_summary(cfg, out, t0)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
@@ -147,10 +153,14 @@ def train_prior(cfg: Config) -> dict[str, Any]:
         code = proc.wait()
     if code != 0:
         raise RuntimeError(f"deepspeed launcher exited {code}; log: {out / 'launcher.log'}\n" + "\n".join(tail))
+    return _prior_summary(cfg, out, t0)
+
+
+def _prior_summary(cfg: Config, out: Path, t0: float) -> dict[str, Any]:
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return _stamp({"ranks": cfg.prior.num_procs, "zero_stage": cfg.prior.zero_stage, "steps": cfg.prior.steps,
-                   "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
-                   "samples_per_s": metrics[-1]["samples_per_s"]}, t0)
+                   "launcher": cfg.prior.launcher, "first_loss": metrics[0]["loss"],
+                   "final_loss": metrics[-1]["loss"], "samples_per_s": metrics[-1]["samples_per_s"]}, t0)
 
 
 def heldout_captions(cfg: Config) -> list[str]:

@@ -82,3 +82,17 @@ def test_tokenize_rerun_is_exactly_once(demo_run):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["shards_written"] == 0 and summary["shards_skipped"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in tokens.iterdir()} == before
+
+
+def test_prior_trains_through_ray_train_too(demo_run):
+    """prior.launcher=ray: Ray Train's TorchTrainer with 2 CPU workers runs the same DeepSpeed engine (ZeRO-2)."""
+    run, _ = demo_run
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train-prior", "--config", "configs/tiny.yaml",
+                           f"run_dir={run}", "prior.launcher=ray", f"prior.output={run}/prior_ray", "prior.steps=20",
+                           "prior.log_every=5"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Ray may print worker log lines after the summary; the summary is the last JSON object line.
+    summary = json.loads([x for x in proc.stdout.splitlines() if x.startswith('{"ranks"')][-1])
+    assert summary["launcher"] == "ray" and summary["ranks"] == 2
+    assert summary["final_loss"] < summary["first_loss"] * 0.9
+    assert (run / "prior_ray" / "model.pt").exists() and (run / "prior_ray" / "latest_complete").exists()
