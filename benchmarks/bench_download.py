@@ -36,6 +36,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -556,8 +557,6 @@ def main() -> None:
         "single_core": {"full_decode": full, "reduced_decode": reduced},
         "cpu_limit_images_per_s": cpu_limit, "cpu_limit_reduced_decode_images_per_s": cpu_limit_reduced,
     }
-    out_json = os.path.join(HERE, "results", "download.json")
-    os.makedirs(os.path.dirname(out_json), exist_ok=True)
 
     server, port = start_server(folder, args.images)
     tmp = tempfile.mkdtemp(prefix="bench_download_")
@@ -628,9 +627,7 @@ def main() -> None:
         result["cpu_limit_fraction_full_decode"] = round(ours_ips / cpu_limit, 3)
         result["img2dataset_cpu_limit_fraction"] = round(i2d_ips / cpu_limit, 3)
     result["bench_s"] = round(time.perf_counter() - t_start, 1)
-    with open(out_json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    write_result("download", result)
     if "error" in result:
         sys.exit(1)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from pipeline.dvae import DVAE, DVAEShape, Encoder  # noqa: E402
 from pipeline.dvae_openai import load_openai  # noqa: E402
@@ -304,11 +304,7 @@ def main() -> None:
     if torch.cuda.is_available():
         result["gpu"] = gpu_bench(enc, ours, smooth_images(args.gpu_batch, args.image_size, seed=1),
                                   max(args.repeats, 3), flops)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dvae.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    write_result("dvae", result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Writes benchmarks/results/sample.json and prints it as the last line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -17,6 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from pipeline.prior import DalleTransformer, PriorShape, pad_text  # noqa: E402
 
@@ -53,11 +53,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "device": "cpu", "threads": torch.get_num_threads()},
     }
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sample.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    write_result("sample", result)
 
 
 if __name__ == "__main__":

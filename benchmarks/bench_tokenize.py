@@ -46,6 +46,8 @@ import tempfile
 import time
 from typing import Any
 
+from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -563,11 +565,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - t_start, 1),
         "machine": machine(),
     }
-    out = os.path.join(REPO, "benchmarks", "results", "tokenize.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    write_result("tokenize", result)
 
 
 if __name__ == "__main__":

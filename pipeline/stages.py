@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,7 @@ def download(cfg: Config) -> dict[str, Any]:
 
 
 def load_images(cfg: Config, limit: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
-    from pipeline.train_dvae import load_image_array
+    from pipeline.dvae_data import load_image_array
 
     return load_image_array(cfg.path("images"), cfg.download.image_size, limit)
 
@@ -112,15 +109,8 @@ def tokenize(cfg: Config) -> dict[str, Any]:
     return _stamp(ray_seam.run_tokenize(cfg, encoder_spec(cfg)), t0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_prior(cfg: Config) -> dict[str, Any]:
     """Run ``pipeline.train_prior`` on ``prior.num_procs`` ranks through the deepspeed launcher."""
-    import torch
 
     t0 = time.time()
     out = Path(cfg.path("prior"))
@@ -133,26 +123,10 @@ def train_prior(cfg: Config) -> dict[str, Any]:
         ray_seam.init_ray(cfg)
         ray_seam.run_train_prior(cfg)
         return _prior_summary(cfg, out, t0)
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [launcher, "--num_gpus", str(cfg.prior.num_procs), "--master_port", str(_free_port()),
-           "--module", "pipeline.train_prior", "--config", str(resolved)]
-    log.info("train-prior: %s", " ".join(cmd))
-    with open(out / "launcher.log", "w") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        tail: list[str] = []
-        for line in proc.stdout:  # stream rank 0's progress lines live; keep everything in launcher.log
-            logf.write(line)
-            tail = (tail + [line.rstrip()])[-30:]
-            if line.startswith("[train-prior]"):
-                print(line.rstrip(), file=sys.stderr, flush=True)
-        code = proc.wait()
-    if code != 0:
-        raise RuntimeError(f"deepspeed launcher exited {code}; log: {out / 'launcher.log'}\n" + "\n".join(tail))
+    from pipeline import ds_seam
+
+    ds_seam.launch("pipeline.train_prior", str(resolved), cfg.prior.num_procs, str(out / "launcher.log"),
+                   "[train-prior]")
     return _prior_summary(cfg, out, t0)
 
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -35,9 +33,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import ds_seam, shards
+from pipeline import ds_seam
 from pipeline.config import Config, DVAEConfig, load_config
 from pipeline.dvae import DVAE, DVAEShape, kl_weight_at, save_dvae, temperature_at
+from pipeline.dvae_data import ShardCache, ShardStream, choose_heldout, load_image_array, shard_counts
+from pipeline.eval_dvae import evaluate, psnr, write_grid
+
+__all__ = ["ShardCache", "ShardStream", "choose_heldout", "load_image_array", "shard_counts", "evaluate", "psnr",
+           "write_grid", "main", "train"]
 
 PREFIX = "[train-dvae]"
 MIN_LR_RATIO = 0.05  # cosine decay to lr / 20
@@ -45,147 +48,9 @@ STAT_KEYS = ("loss", "recon", "recon_mse", "kl")
 _STEP_DIR = re.compile(r"^step\d{8}$")
 
 
-def load_image_array(images_folder: str, size: int, limit: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
-    """All committed images as (N, S, S, 3) uint8, with their keys and captions."""
-    keys, caps, arrs = [], [], []
-    for key, caption, img in shards.iter_images(images_folder, size):
-        keys.append(key)
-        caps.append(caption)
-        arrs.append(img)
-        if limit and len(arrs) >= limit:
-            break
-    if not arrs:
-        raise FileNotFoundError(f"{images_folder}: no committed images to train on")
-    return np.stack(arrs), keys, caps
-
-
 def dvae_shape(cfg: DVAEConfig) -> DVAEShape:
     return DVAEShape(vocab_size=cfg.vocab_size, n_hid=cfg.n_hid, group_count=cfg.group_count,
                      n_blk_per_group=cfg.n_blk_per_group, n_init=cfg.n_init, recon=cfg.recon)
-
-
-# --------------------------------------------------------------------------------------------------------- data
-
-
-def shard_counts(folder: str) -> dict[int, int]:
-    """Shard id → images in it, from the commit markers alone (a marker without ``successes`` is read and counted)."""
-    counts = {}
-    for sid, manifest in shards.committed_image_shards(folder).items():
-        n = manifest.get("successes")
-        counts[sid] = int(n) if n is not None else len(shards.read_shard_samples(folder, sid))
-    if not sum(counts.values()):
-        raise FileNotFoundError(f"{folder}: no committed images to train on")
-    return counts
-
-
-def choose_heldout(counts: dict[int, int], wanted: int, seed: int) -> list[tuple[int, int]]:
-    """A seeded set of (shard, row) never trained on: ``wanted`` (at most a fifth of the images) drawn from the first
-    shards holding 4× that many, so evaluation reads a shard or two, not the whole dataset."""
-    n = min(wanted, sum(counts.values()) // 5)
-    if n <= 0:
-        return []
-    pool: list[tuple[int, int]] = []
-    for sid, count in counts.items():
-        pool += [(sid, r) for r in range(count)]
-        if len(pool) >= 4 * n:
-            break
-    pick = np.random.default_rng([seed, 0x4E1D]).choice(len(pool), n, replace=False)
-    return sorted(pool[i] for i in pick)
-
-
-class ShardStream:
-    """Which (shard, row)s rank ``rank`` of ``world`` trains on at each step: a pure function of its arguments.
-
-    Epoch ``e`` permutes the shards with seed (seed, e). With at least ``world`` shards, rank r takes every world-th
-    shard of that order (ranks read disjoint shards); with fewer, every rank walks all of them and takes every
-    world-th row. The rank's shards are cut into windows of ``window`` shards whose rows are shuffled together, so a
-    rank holds about one window of shards at a time. Steps take consecutive ``micro`` rows of the rank's stream,
-    running on into the next epoch.
-    """
-
-    def __init__(self, rows: dict[int, np.ndarray], seed: int, rank: int, world: int, window: int):
-        self.rows = {sid: r for sid, r in rows.items() if len(r)}
-        self.shard_ids = np.array(sorted(self.rows), dtype=np.int64)
-        total = sum(len(r) for r in self.rows.values())
-        if total < world:
-            raise ValueError(f"{total} training images cannot be split between {world} ranks")
-        self.seed, self.rank, self.world, self.window = seed, rank, world, window
-        self.split_shards = len(self.shard_ids) >= world
-        self._starts = [0]  # stream position where each epoch begins
-        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def _my_shards(self, epoch: int) -> np.ndarray:
-        order = self.shard_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_ids))]
-        return order[self.rank:: self.world] if self.split_shards else order
-
-    def epoch_length(self, epoch: int) -> int:
-        n = sum(len(self.rows[int(s)]) for s in self._my_shards(epoch))
-        return n if self.split_shards else len(range(self.rank, n, self.world))
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """(length, 2) array of (shard, row) for this rank's epoch."""
-        if epoch in self._orders:
-            self._orders.move_to_end(epoch)
-            return self._orders[epoch]
-        mine = self._my_shards(epoch)
-        parts = []
-        for w, start in enumerate(range(0, len(mine), self.window)):
-            items = np.concatenate([np.stack([np.full(len(self.rows[int(s)]), s), self.rows[int(s)]], 1)
-                                    for s in mine[start: start + self.window]])
-            who = self.rank if self.split_shards else 0
-            parts.append(items[np.random.default_rng([self.seed, epoch, w, who]).permutation(len(items))])
-        order = np.concatenate(parts)
-        if not self.split_shards:
-            order = order[self.rank:: self.world]
-        self._orders[epoch] = order
-        if len(self._orders) > 2:
-            self._orders.popitem(last=False)
-        return order
-
-    def take(self, start: int, count: int) -> np.ndarray:
-        """Rows at stream positions [start, start + count)."""
-        while self._starts[-1] <= start + count:
-            self._starts.append(self._starts[-1] + self.epoch_length(len(self._starts) - 1))
-        out, pos = [], start
-        while pos < start + count:
-            epoch = int(np.searchsorted(self._starts, pos, side="right")) - 1
-            order = self.epoch_order(epoch)
-            lo = pos - self._starts[epoch]
-            hi = min(len(order), lo + start + count - pos)
-            out.append(order[lo:hi])
-            pos += hi - lo
-        return np.concatenate(out)
-
-    def step_rows(self, step: int, micro: int) -> np.ndarray:
-        return self.take(step * micro, micro)
-
-
-class ShardCache:
-    """A rank's few most recently read shards (their encoded samples); images are decoded when a batch needs them."""
-
-    def __init__(self, folder: str, counts: dict[int, int], size: int, capacity: int):
-        self.folder, self.counts, self.size, self.capacity = folder, counts, size, capacity
-        self._shards: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()
-        self.reads = 0
-
-    def samples(self, sid: int) -> list[dict[str, Any]]:
-        if sid in self._shards:
-            self._shards.move_to_end(sid)
-            return self._shards[sid]
-        samples = shards.read_shard_samples(self.folder, sid)
-        self.reads += 1
-        if len(samples) != self.counts[sid]:
-            raise ValueError(f"{self.folder}: shard {sid} holds {len(samples)} images but its commit marker says "
-                             f"{self.counts[sid]}")
-        self._shards[sid] = samples
-        while len(self._shards) > self.capacity:
-            self._shards.popitem(last=False)
-        return samples
-
-    def images(self, rows: np.ndarray) -> torch.Tensor:
-        """(n, 2) (shard, row) → (n, 3, S, S) float in [0, 1]."""
-        arr = np.stack([shards.decode_image(self.samples(int(s))[int(r)]["image"], self.size) for s, r in rows])
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
@@ -201,59 +66,6 @@ class DVAELoss(nn.Module):
     def forward(self, x: torch.Tensor, temperature: float, kl_weight: float,
                 input_noise: float) -> tuple[torch.Tensor, dict[str, float]]:
         return self.dvae.loss(x, temperature, kl_weight, input_noise)
-
-
-@torch.no_grad()
-def evaluate(model: DVAE, images: torch.Tensor, batch: int = 64) -> tuple[dict[str, Any], torch.Tensor]:
-    """Hard-code reconstructions (encode → codes → decode: what tokenize + sample give) of held-out images.
-
-    Returns the figures and the reconstructions. PSNR is of the mean MSE over the set; perplexity is exp of the
-    entropy of the code histogram over every held-out grid position; a dead code is one no held-out image uses.
-    Baselines: ``constant_baseline_mse`` predicts one constant image for every input (the held-out set's own mean
-    image, the best constant there is); ``flat_colour_baseline_mse`` predicts each image's own mean colour.
-    """
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    codes, recons = [], []
-    for i in range(0, len(images), batch):
-        x = images[i: i + batch].to(next(model.parameters()).device)
-        c = model.encode(x.to(dtype))
-        codes.append(c.cpu())
-        recons.append(model.decode(c).float().clamp(0, 1).cpu())
-    model.train(was_training)
-    codes_all, rec = torch.cat(codes), torch.cat(recons)
-    x = images.float()
-    mse = float(torch.mean((rec - x) ** 2))
-    hist = torch.bincount(codes_all.flatten(), minlength=model.shape.vocab_size).double()
-    p = hist[hist > 0] / hist.sum()
-    used = int((hist > 0).sum())
-    return {"heldout_mse": mse, "heldout_psnr": psnr(mse),
-            "constant_baseline_mse": float(torch.mean((x.mean(0, keepdim=True) - x) ** 2)),
-            "flat_colour_baseline_mse": float(torch.mean((x.mean(dim=(2, 3), keepdim=True) - x) ** 2)),
-            "perplexity": float(torch.exp(-(p * p.log()).sum())), "codes_used": used,
-            "dead_codes": model.shape.vocab_size - used}, rec
-
-
-def psnr(mse: float) -> float:
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
-
-
-def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: str, max_images: int = 16) -> None:
-    """Held-out originals in the top row, their reconstructions below, upscaled to at least 64 px."""
-    n = min(max_images, len(originals))
-    size = originals.shape[-1]
-    scale, pad = max(1, 64 // size), 2
-    cell = size * scale
-    grid = Image.new("RGB", (n * (cell + pad) + pad, 2 * (cell + pad) + pad), (255, 255, 255))
-    for row, imgs in enumerate((originals, recons)):
-        for i in range(n):
-            arr = (imgs[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (pad + i * (cell + pad), pad + row * (cell + pad)))
-    tmp = f"{path}.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------------ training
