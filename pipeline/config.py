@@ -15,14 +15,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.config_checks import ConfigError
+from pipeline.config_checks import check as _check
+from pipeline.config_prior import PRIOR_SIZES, PriorConfig
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the dotted key."""
-
-
-def _check(cond: bool, key: str, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}': {why}")
+__all__ = ["PRIOR_SIZES", "Config", "ConfigError", "PriorConfig", "load_config", "to_dict"]
 
 
 @dataclass
@@ -251,59 +248,6 @@ class TokenizeConfig:
         _check(self.num_encoders > 0, "tokenize.num_encoders", "must be > 0")
 
 
-PRIOR_SIZES: dict[str, tuple[int, int, int]] = {
-    # name: (n_layer, n_head, n_embd). 12b is the DALL-E paper's (64 layers, d_model 3968, 62 heads of 64); the
-    # others keep 64-wide heads. With DALL-E's vocabularies (16384 text, 8192 image, 256 + 1024 positions) they
-    # count 0.34 B, 1.28 B, 4.18 B and 12.23 B parameters (tests/test_prior_sizes.py).
-    "tiny": (4, 4, 128), "350m": (24, 16, 1024), "1.3b": (24, 32, 2048), "4b": (36, 48, 3072), "12b": (64, 62, 3968),
-}
-
-
-@dataclass
-class PriorConfig:
-    """The DALL-E 1 autoregressive transformer over text + image tokens, trained with DeepSpeed."""
-
-    size: str = ""
-    """A named size (tiny, 350m, 1.3b, 4b, 12b) that sets n_layer, n_head and n_embd; empty: use those keys."""
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    text_len: int = 16
-    dropout: float = 0.0
-    text_loss_weight: float = 0.0
-    """Weight of the caption-modelling loss beside the image loss (DALL-E used 1/8); 0 trains image tokens only."""
-    steps: int = 600
-    micro_batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    zero_stage: int = 2
-    num_procs: int = 2
-    """Ranks started by the deepspeed launcher (CPU ranks on a CPU machine)."""
-    launcher: str = "deepspeed"
-    """deepspeed: the deepspeed launcher (local or --hostfile); ray: Ray Train's TorchTrainer, num_procs workers."""
-    bf16: bool = False
-    activation_checkpointing: bool = False
-    ds_config: str = ""
-    """A DeepSpeed config JSON applied over the one built from these keys (its values win, nested sections merge)."""
-    log_every: int = 20
-    output: str = ""
-    """Checkpoint folder; empty means <run_dir>/prior."""
-
-    def __post_init__(self) -> None:
-        if self.size:
-            _check(self.size in PRIOR_SIZES, "prior.size", f"must be one of {', '.join(PRIOR_SIZES)}")
-            self.n_layer, self.n_head, self.n_embd = PRIOR_SIZES[self.size]
-        for name in ("n_layer", "n_head", "n_embd", "text_len", "steps", "micro_batch_size", "num_procs", "log_every"):
-            _check(getattr(self, name) > 0, f"prior.{name}", "must be > 0")
-        _check(self.n_embd % self.n_head == 0, "prior.n_embd", "must be divisible by prior.n_head")
-        _check(0.0 <= self.dropout < 1.0, "prior.dropout", "must be in [0, 1)")
-        _check(self.lr > 0, "prior.lr", "must be > 0")
-        _check(self.warmup_steps >= 0, "prior.warmup_steps", "must be >= 0")
-        _check(self.text_loss_weight >= 0, "prior.text_loss_weight", "must be >= 0")
-        _check(self.zero_stage in (0, 1, 2, 3), "prior.zero_stage", "must be 0, 1, 2 or 3")
-        _check(self.launcher in ("deepspeed", "ray"), "prior.launcher", "must be deepspeed or ray")
-
-
 @dataclass
 class SampleConfig:
     """Captions → images: KV-cached sampling, dVAE decode, CLIP rerank."""
@@ -316,6 +260,9 @@ class SampleConfig:
     temperature: float = 1.0
     top_k: int = 0
     """0 disables top-k filtering."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance: logits = uncond + scale × (cond − uncond); 1 is plain conditional sampling (needs a
+    prior trained with prior.caption_dropout > 0 to mean anything above 1)."""
     seed: int = 0
     output: str = ""
     """Report folder; empty means <run_dir>/report."""
@@ -325,6 +272,7 @@ class SampleConfig:
         _check(self.candidates > 0, "sample.candidates", "must be > 0")
         _check(self.temperature > 0, "sample.temperature", "must be > 0")
         _check(self.top_k >= 0, "sample.top_k", "must be >= 0")
+        _check(self.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
 
 
 @dataclass

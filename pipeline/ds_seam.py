@@ -57,7 +57,7 @@ def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, 
 def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The prior's ds_config: a pure function of the typed config, then the user's ``prior.ds_config`` JSON on top."""
     built = ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
-                      warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.bf16, on_gpu=on_gpu)
+                      warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.precision == "bf16", on_gpu=on_gpu)
     if not cfg.ds_config:
         return built
     try:

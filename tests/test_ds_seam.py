@@ -5,7 +5,7 @@ from pipeline.config import PriorConfig
 
 
 def test_ds_config_follows_typed_config():
-    cfg = PriorConfig(zero_stage=3, micro_batch_size=4, steps=100, warmup_steps=10, bf16=True, lr=3e-4)
+    cfg = PriorConfig(zero_stage=3, micro_batch_size=4, steps=100, warmup_steps=10, precision="bf16", lr=3e-4)
     ds = ds_seam.build_ds_config(cfg, world_size=8, on_gpu=True)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
