@@ -57,7 +57,27 @@ def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, 
 def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The prior's ds_config: a pure function of the typed config, then the user's ``prior.ds_config`` JSON on top."""
     built = ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
-                      warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.precision == "bf16", on_gpu=on_gpu)
+                      warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.precision == "bf16",
+                      on_gpu=on_gpu, weight_decay=cfg.weight_decay, gradient_clipping=cfg.gradient_clipping,
+                      min_lr_ratio=cfg.min_lr_ratio)
+    gas = cfg.gradient_accumulation_steps
+    built["gradient_accumulation_steps"] = gas
+    built["train_batch_size"] = cfg.micro_batch_size * world_size * gas
+    built["scheduler"] = _schedule(cfg)
+    if cfg.precision == "fp16":  # dynamic loss scaling: fp16 gradients underflow without it
+        built["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                         "hysteresis": 2, "min_loss_scale": 1}
+    zero = built["zero_optimization"]
+    for key, device in (("offload_optimizer", cfg.offload_optimizer), ("offload_param", cfg.offload_param)):
+        if device != "none":
+            zero[key] = {"device": device, "pin_memory": on_gpu}
+            if device == "nvme":
+                zero[key]["nvme_path"] = cfg.nvme_path
+    if cfg.offload_optimizer != "none":  # offloaded steps run DeepSpeed's CPU Adam, not torch's
+        built["optimizer"]["params"].pop("torch_adam")
+    if cfg.zero_stage in (2, 3):  # overlap gradient reduction with the backward pass
+        zero["overlap_comm"] = on_gpu
+        zero["contiguous_gradients"] = True
     if not cfg.ds_config:
         return built
     try:
@@ -68,6 +88,21 @@ def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str
     if not isinstance(user, dict):
         raise ValueError(f"prior.ds_config {cfg.ds_config}: top level must be a JSON object")
     return merge(built, user)
+
+
+def _schedule(cfg: PriorConfig) -> dict[str, Any]:
+    """Linear warm-up, then cosine or linear decay to ``min_lr_ratio`` × lr, or constant."""
+    # DeepSpeed refuses a warm-up of 0 steps: at least 1, and never past the last step.
+    warmup = max(1, min(cfg.warmup_steps, cfg.steps - 1))
+    if cfg.lr_schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.steps, "warmup_num_steps": warmup,
+                                                     "cos_min_ratio": cfg.min_lr_ratio, "warmup_type": "linear"}}
+    if cfg.lr_schedule == "linear":  # DeepSpeed's linear decay ends at warmup_min_lr, where its warm-up starts
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": cfg.steps, "warmup_num_steps": warmup,
+                                                    "warmup_min_lr": cfg.lr * cfg.min_lr_ratio,
+                                                    "warmup_max_lr": cfg.lr, "warmup_type": "linear"}}
+    return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                           "warmup_type": "linear"}}
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
