@@ -1,6 +1,11 @@
-"""Ray job entry: `ray job submit --working-dir . -- python jobs/train_prior.py --config FILE [dotted.key=value ...]`.
+"""Entry for the prior, three ways:
 
-Same arguments as `python -m pipeline train-prior`; inside a Ray job it joins the job's cluster (RAY_ADDRESS).
+    ray job submit --working-dir . -- python jobs/train_prior.py --config FILE [dotted.key=value ...]
+    python jobs/train_prior.py --config FILE [...]              (same as `python -m pipeline train-prior`)
+    deepspeed --hostfile H jobs/train_prior.py --config FILE [...]   (multi-node: this file is each rank's entry)
+
+Under the deepspeed launcher (it sets RANK and LOCAL_RANK) every rank trains directly; otherwise the
+stage runs and starts its ranks itself (deepspeed launcher or, with prior.launcher=ray, Ray Train workers).
 """
 
 import os
@@ -10,7 +15,18 @@ import sys
 # file's name cannot shadow a standard-library module of the same name.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline.cli import main  # noqa: E402
+
+def _started_by_deepspeed() -> bool:
+    # The launcher's per-rank environment (torchrun's too); a Ray job's driver or a shell has neither variable.
+    return "LOCAL_RANK" in os.environ and "RANK" in os.environ
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train-prior", *sys.argv[1:]], prog="jobs/train_prior.py"))
+    if _started_by_deepspeed():
+        from pipeline.train_prior import main as rank_main
+
+        rank_main(sys.argv[1:])
+    else:
+        from pipeline.cli import main
+
+        sys.exit(main(["train-prior", *sys.argv[1:]], prog="jobs/train_prior.py"))

@@ -168,19 +168,72 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any]) -> str:
+def fault_point(where: str, step: int, rank: int) -> None:
+    """Crash-test hook: ``PIPELINE_PRIOR_FAULT=<where>:<step>[:<rank>]`` makes that rank (default 0) exit hard at
+    that point, as a killed process would: no exception handlers, no cleanup. Unset in normal runs."""
+    spec = os.environ.get("PIPELINE_PRIOR_FAULT", "")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == where and int(parts[1]) == step and rank == (int(parts[2]) if len(parts) > 2 else 0):
+        print(f"[fault] rank {rank} exits hard at {where}:{step}", flush=True)
+        os._exit(17)
+
+
+def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any],
+                    rank_state: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
+                    keep: int = 0) -> str:
+    """Save tag ``step{step:08d}``; it counts only once ``complete.json`` (with every file's size) and the
+    ``latest_complete`` pointer are written, after all ranks finished. ``rank_state`` is saved per rank
+    (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes into the tag (e.g. the ds_config).
+    ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints afterwards."""
     tag = f"step{step:08d}"
     engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = os.path.join(folder, tag)
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(tag_dir, f"rank{engine.global_rank}.pt"))
+    if engine.global_rank == 0:
+        for name, obj in (files or {}).items():
+            with open(os.path.join(tag_dir, name), "w") as f:
+                json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    fault_point("save", step, engine.global_rank)
     _barrier()  # every rank's shards are on disk before anything says the checkpoint exists
     if engine.global_rank == 0:
-        with open(os.path.join(folder, tag, "complete.json"), "w") as f:
-            json.dump({"step": step, "world_size": engine.world_size}, f)
-        tmp = os.path.join(folder, "latest_complete.tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-        os.replace(tmp, os.path.join(folder, "latest_complete"))
+        sizes = {os.path.relpath(os.path.join(d, n), tag_dir): os.path.getsize(os.path.join(d, n))
+                 for d, _, names in os.walk(tag_dir) for n in names if n != "complete.json"}
+        _write_atomic(os.path.join(tag_dir, "complete.json"),
+                      json.dumps({"step": step, "world_size": engine.world_size, "files": sizes}, sort_keys=True))
+        _write_atomic(os.path.join(folder, "latest_complete"), tag)
+        if keep > 0:
+            prune_checkpoints(folder, keep)
     _barrier()
     return tag
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint_tags(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if n.startswith("step") and os.path.isdir(os.path.join(folder, n)))
+
+
+def prune_checkpoints(folder: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest complete."""
+    import shutil
+
+    latest = latest_complete(folder)
+    complete = [t for t in checkpoint_tags(folder) if os.path.exists(os.path.join(folder, t, "complete.json"))]
+    doomed = complete[:-keep] + [t for t in checkpoint_tags(folder) if t not in complete and latest and t < latest]
+    for t in doomed:
+        shutil.rmtree(os.path.join(folder, t), ignore_errors=True)
+    return doomed
 
 
 def latest_complete(folder: str) -> str | None:
@@ -193,11 +246,40 @@ def latest_complete(folder: str) -> str | None:
     return tag
 
 
+def verify_checkpoint(folder: str, tag: str) -> dict[str, Any]:
+    """complete.json of ``tag``, after checking every file it lists is there with its recorded size."""
+    tag_dir = os.path.join(folder, tag)
+    try:
+        record = json.loads(open(os.path.join(tag_dir, "complete.json")).read())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{tag_dir}/complete.json: unreadable ({exc})") from exc
+    for rel, size in record.get("files", {}).items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing from checkpoint {tag} (complete.json lists it)")
+        if os.path.getsize(path) != size:
+            raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes, complete.json recorded {size}; "
+                                  "the checkpoint is corrupt or partial")
+    return record
+
+
 def load_checkpoint(engine, folder: str, tag: str) -> dict[str, Any]:
-    path, client_state = engine.load_checkpoint(folder, tag=tag)
+    record = verify_checkpoint(folder, tag)
+    if record.get("world_size", engine.world_size) != engine.world_size:
+        raise CheckpointError(f"{folder}/{tag}: written by {record['world_size']} ranks, resuming on "
+                              f"{engine.world_size}; resume with the same number of ranks")
+    try:
+        path, client_state = engine.load_checkpoint(folder, tag=tag)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many types; name the checkpoint either way
+        raise CheckpointError(f"{folder}/{tag}: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
     if path is None:  # DeepSpeed returns (None, None) instead of raising
         raise CheckpointError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
     return client_state or {}
+
+
+def load_rank_state(folder: str, tag: str, rank: int) -> dict[str, Any] | None:
+    path = os.path.join(folder, tag, f"rank{rank}.pt")
+    return torch.load(path, weights_only=False) if os.path.exists(path) else None
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

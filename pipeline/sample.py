@@ -26,15 +26,19 @@ class CaptionSamples:
 
 @torch.no_grad()
 def draw(prior: DalleTransformer, dvae: DVAE, bundle: clip_lib.ClipBundle, captions: list[str], candidates: int,
-         temperature: float, top_k: int, seed: int, batch: int = 64) -> tuple[list[CaptionSamples], dict]:
-    """``candidates`` samples per caption, reranked by CLIP similarity to the caption (best first)."""
+         temperature: float, top_k: int, seed: int, batch: int = 64,
+         guidance_scale: float = 1.0) -> tuple[list[CaptionSamples], dict]:
+    """``candidates`` samples per caption, reranked by CLIP similarity to the caption (best first).
+
+    ``guidance_scale`` != 1 samples with classifier-free guidance (each batch runs twice as many rows)."""
     s = prior.shape
     bpe = getattr(bundle.tokenizer, "tokenizer", bundle.tokenizer)
     text = pad_text([bpe.encode(c) for c in captions], s.text_len, s.text_vocab)
     text = text.repeat_interleave(candidates, dim=0)  # (C*K, T)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    codes = torch.cat([prior.generate(text[i: i + batch], temperature, top_k, gen) for i in range(0, len(text), batch)])
+    codes = torch.cat([prior.generate(text[i: i + batch], temperature, top_k, gen, guidance_scale=guidance_scale)
+                       for i in range(0, len(text), batch)])
     gen_s = time.time() - t0
     images = dvae.decode(codes.view(-1, s.image_grid, s.image_grid))
     images = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (C*K, H, W, 3)
@@ -47,7 +51,7 @@ def draw(prior: DalleTransformer, dvae: DVAE, bundle: clip_lib.ClipBundle, capti
         order = np.argsort(-scores[c], kind="stable")
         out.append(CaptionSamples(caption, images[c][order], scores[c][order]))
     stats = {"captions": len(captions), "samples": len(text), "generate_s": gen_s,
-             "image_tokens_per_s": len(text) * s.image_len / max(gen_s, 1e-9)}
+             "image_tokens_per_s": len(text) * s.image_len / max(gen_s, 1e-9), "guidance_scale": guidance_scale}
     return out, stats
 
 

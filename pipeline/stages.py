@@ -161,7 +161,8 @@ def sample(cfg: Config) -> tuple[dict[str, Any], list]:
     bundle = clip_lib.load_clip(meta["clip"]["arch"], meta["clip"]["pretrained"])
     torch.manual_seed(cfg.sample.seed)
     results, stats = sample_lib.draw(prior, dvae, bundle, captions, cfg.sample.candidates, cfg.sample.temperature,
-                                     cfg.sample.top_k, cfg.sample.seed)
+                                     cfg.sample.top_k, cfg.sample.seed,
+                                     guidance_scale=cfg.sample.guidance_scale)
     out = Path(cfg.path("report"))
     out.mkdir(parents=True, exist_ok=True)
     report.sample_grid(results, str(out / "samples.png"))

@@ -67,13 +67,45 @@ def test_latest_complete_requires_completion_record(tmp_path):
     assert ds_seam.latest_complete(str(tmp_path)) == "step00000010"
 
 
-def test_load_that_finds_nothing_raises():
+def test_load_that_finds_nothing_raises(tmp_path):
     class Engine:
+        world_size = 2
+
         def load_checkpoint(self, folder, tag):
             return None, None
 
+    (tmp_path / "step1").mkdir()
+    (tmp_path / "step1" / "complete.json").write_text('{"world_size": 2, "files": {}}')
     with pytest.raises(ds_seam.CheckpointError, match="found no checkpoint"):
-        ds_seam.load_checkpoint(Engine(), "/x", "step1")
+        ds_seam.load_checkpoint(Engine(), str(tmp_path), "step1")
+    Engine.world_size = 4
+    with pytest.raises(ds_seam.CheckpointError, match="written by 2 ranks, resuming on 4"):
+        ds_seam.load_checkpoint(Engine(), str(tmp_path), "step1")
+
+
+def test_truncated_checkpoint_file_is_named(tmp_path):
+    tag = tmp_path / "step00000004"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    (tag / "complete.json").write_text('{"files": {"mp_rank_00_model_states.pt": 100, "rank1.pt": 8}}')
+    with pytest.raises(ds_seam.CheckpointError, match="rank1.pt: missing"):
+        ds_seam.verify_checkpoint(str(tmp_path), "step00000004")
+    (tag / "rank1.pt").write_bytes(b"y" * 8)
+    assert ds_seam.verify_checkpoint(str(tmp_path), "step00000004")["files"]["rank1.pt"] == 8
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 60)  # torn by a crash or a bad copy
+    with pytest.raises(ds_seam.CheckpointError, match="mp_rank_00_model_states.pt: 60 bytes, complete.json "
+                                                      "recorded 100"):
+        ds_seam.verify_checkpoint(str(tmp_path), "step00000004")
+
+
+def test_prune_keeps_newest_complete(tmp_path):
+    for step, complete in ((1, True), (2, True), (3, False), (4, True), (5, False)):
+        (tmp_path / f"step{step:08d}").mkdir()
+        if complete:
+            (tmp_path / f"step{step:08d}" / "complete.json").write_text("{}")
+    (tmp_path / "latest_complete").write_text("step00000004")
+    assert sorted(ds_seam.prune_checkpoints(str(tmp_path), keep=2)) == ["step00000001", "step00000003"]
+    assert ds_seam.checkpoint_tags(str(tmp_path)) == ["step00000002", "step00000004", "step00000005"]
 
 
 def test_user_ds_config_json_really_overrides(tmp_path):
