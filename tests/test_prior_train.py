@@ -130,12 +130,12 @@ def test_kill_mid_training_and_during_save_then_resume_exactly(tmp_path, tokens,
 @pytest.mark.slow
 def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
     out = tmp_path / "prior"
-    proc = launch(config(tmp_path, tokens, str(out), zero_stage=3, save_every=0, record_keys=False, steps=10),
+    proc = launch(config(tmp_path, tokens, str(out), zero_stage=3, save_every=0, record_keys=False, steps=16),
                   entry="deepspeed")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = losses(out)
-    assert got[10] < got[1] * 0.8
-    assert json.loads((out / "step00000010" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    assert got[16] < got[1] * 0.85
+    assert json.loads((out / "step00000016" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     from pipeline.train_prior import load_prior
 
     model, meta = load_prior(str(out / "model.pt"))  # weights gathered from the ZeRO-3 shards
