@@ -1,0 +1,232 @@
+"""The prior's training engine against a bare PyTorch loop, and the streaming loader against training consumption.
+
+    python benchmarks/bench_train.py [--layers 4] [--embd 256] [--grid 16] [--micro 8] [--steps 12] [--rounds 3]
+
+1. Engine overhead: our training step (streaming loader → caption dropout → DeepSpeed engine, ZeRO-2 as configured by
+   default, one rank) vs a bare PyTorch loop (in-memory tensors, torch AdamW with the same hyper-parameters, gradient
+   clipping, the same warm-up/cosine schedule) on the same model from the same initial weights. Rounds alternate, so
+   machine noise hits both; the per-step medians are compared. Goal: ≤ 1.1×.
+2. Loader: samples/s of ``TokenLoader`` alone vs the samples/s the training step consumes. Goal: ≥ 20×.
+3. DeepSpeed's own ZeRO-3 estimator for the 12 B prior on 8 and 64 GPUs (per-GPU model-state memory).
+4. On a GPU (only when one is present): the 1.3 B prior, seq 1,280, bf16, one device: tokens/s, MFU, peak memory.
+
+Writes benchmarks/results/train.json and prints it as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
+
+from pipeline import ds_seam, prior_metrics, tokenize  # noqa: E402
+from pipeline.config import PRIOR_SIZES, PriorConfig  # noqa: E402
+from pipeline.prior import DalleTransformer, PriorShape, drop_captions  # noqa: E402
+from pipeline.prior_data import TokenLoader, make_plan  # noqa: E402
+from pipeline.train_prior import PriorLoss  # noqa: E402
+
+
+def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab: int, shards: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    meta = {"grid": grid, "embed_dim": 8, "dvae": {"vocab_size": image_vocab}, "clip": {"model": "bench"},
+            "tokenizer": {"vocab_size": text_vocab}, "preprocess": {}, "schema_version": "1"}
+    per = rows // shards
+    for s in range(shards):
+        emb = rng.standard_normal((per, 8)).astype(np.float32)
+        tokenize.write_token_shard(folder, s, {
+            "key": [f"{s:05d}{i:05d}" for i in range(per)], "url": [""] * per, "caption": [""] * per,
+            "sha256": [""] * per, "width": [256] * per, "height": [256] * per,
+            "text_tokens": [list(rng.integers(0, text_vocab, rng.integers(3, 30))) for _ in range(per)],
+            "image_tokens": rng.integers(0, image_vocab, (per, grid * grid)), "clip_image_emb": emb,
+            "clip_text_emb": emb, "clip_similarity": np.zeros(per, np.float32)}, meta)
+
+
+def init_single_rank() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    ds_seam.init_distributed()
+
+
+def bare_loop(model: DalleTransformer, cfg: PriorConfig):
+    """The peer: what one writes by hand in PyTorch for the same training."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return step / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    def step(text: torch.Tensor, image: torch.Tensor) -> float:
+        loss = model.loss(text, image, cfg.text_loss_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clipping)
+        opt.step()
+        sched.step()
+        return float(loss)
+
+    return step
+
+
+def timed_steps(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def overhead(shape: PriorShape, cfg: PriorConfig, plan, args) -> dict:
+    torch.manual_seed(0)
+    ours_model = DalleTransformer(shape)
+    bare_model = DalleTransformer(shape)
+    bare_model.load_state_dict(ours_model.state_dict())
+    engine = ds_seam.initialize(PriorLoss(ours_model, cfg.text_loss_weight), ds_seam.build_ds_config(cfg, 1, False))
+    loader = TokenLoader(plan, rank=0, world=1, micro_batch=cfg.micro_batch_size, text_len=shape.text_len, seed=0,
+                         shuffle_buffer=cfg.shuffle_buffer, expect_grid=shape.image_grid)
+    batches = loader.batches(0)
+    fixed = next(loader.batches(0))  # the bare loop trains on in-memory tensors: no loader cost at all
+    bare = bare_loop(bare_model, cfg)
+    gen = torch.Generator().manual_seed(0)
+
+    def ours() -> None:
+        b = next(batches)
+        loss = engine(drop_captions(b.text, cfg.caption_dropout, shape.text_vocab, gen), b.image)
+        engine.backward(loss)
+        engine.step()
+        float(loss)  # the training loop reads the loss every step too
+
+    ours(), bare(fixed.text, fixed.image)  # warm-up: allocator, first-call costs
+    ours_s, bare_s = [], []
+    for _ in range(args.rounds):
+        ours_s.append(timed_steps(ours, args.steps))
+        bare_s.append(timed_steps(lambda: bare(fixed.text, fixed.image), args.steps))
+    loader.close()
+    ours_med, bare_med = statistics.median(ours_s), statistics.median(bare_s)
+    return {"ours_step_s": ours_med, "bare_step_s": bare_med, "ratio": ours_med / bare_med,
+            "ours_rounds_s": ours_s, "bare_rounds_s": bare_s, "zero_stage": cfg.zero_stage,
+            "train_samples_per_s": cfg.micro_batch_size / ours_med}
+
+
+def loader_rate(plan, shape: PriorShape, cfg: PriorConfig, batches: int) -> float:
+    loader = TokenLoader(plan, rank=0, world=1, micro_batch=cfg.micro_batch_size, text_len=shape.text_len, seed=1,
+                         shuffle_buffer=cfg.shuffle_buffer, expect_grid=shape.image_grid)
+    it = loader.batches(0)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * cfg.micro_batch_size / (time.perf_counter() - t0)
+    loader.close()
+    return rate
+
+
+def zero3_estimates() -> dict:
+    """DeepSpeed's estimator for the paper's 12 B prior (DALL-E vocabularies), built on the meta device."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    n_layer, n_head, n_embd = PRIOR_SIZES["12b"]
+    with torch.device("meta"):
+        model = DalleTransformer(PriorShape(16384, 256, 8192, 32, n_layer, n_head, n_embd))
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    out = {"params": total, "largest_layer_params": largest}
+    for gpus in (8, 64):
+        nodes = gpus // 8
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, 8, nodes, cpu_offload=False,
+                                                          cpu_offload_params=False)
+        cpu_off, gpu_off, _ = estimate_zero3_model_states_mem_needs(total, largest, 8, nodes, cpu_offload=True,
+                                                                    cpu_offload_params=False)
+        out[f"{gpus}_gpus"] = {"gpu_gb_per_device": gpu / 1e9, "with_optimizer_offload_gpu_gb": gpu_off / 1e9,
+                               "with_optimizer_offload_cpu_gb_per_node": cpu_off / 1e9}
+    return out
+
+
+def gpu_run(steps: int = 20) -> dict:
+    """The 1.3 B prior, seq 1,280 (256 text + 1,024 image tokens), bf16, on one GPU through the same engine."""
+    n_layer, n_head, n_embd = PRIOR_SIZES["1.3b"]
+    shape = PriorShape(16384, 256, 8192, 32, n_layer, n_head, n_embd)
+    cfg = PriorConfig(size="1.3b", micro_batch_size=8, precision="bf16", steps=steps + 5, warmup_steps=1, num_procs=1,
+                      text_len=256)
+    engine = ds_seam.initialize(PriorLoss(DalleTransformer(shape), 0.0), ds_seam.build_ds_config(cfg, 1, True))
+    text = torch.randint(0, 16384, (8, 256), device=engine.device)
+    image = torch.randint(0, 8192, (8, 1024), device=engine.device)
+
+    def step() -> None:
+        loss = engine(text, image)
+        engine.backward(loss)
+        engine.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    rate = steps * 8 / (time.perf_counter() - t0)
+    peak = prior_metrics.device_peak_tflops()
+    return {"device": torch.cuda.get_device_name(), "samples_per_s": rate, "tokens_per_s": rate * shape.seq_len,
+            "mfu": prior_metrics.mfu(rate, prior_metrics.prior_flops_per_sample(shape), 1, peak),
+            "peak_tflops": peak, **prior_metrics.memory_stats()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--embd", type=int, default=256)
+    ap.add_argument("--grid", type=int, default=16)
+    ap.add_argument("--text-len", type=int, default=32)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=12, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=20000)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    shape = PriorShape(49408, args.text_len, 8192, args.grid, args.layers, max(1, args.embd // 64), args.embd)
+    cfg = PriorConfig(n_layer=args.layers, n_head=shape.n_head, n_embd=args.embd, text_len=args.text_len,
+                      micro_batch_size=args.micro, steps=1000, warmup_steps=10, zero_stage=2, num_procs=1,
+                      caption_dropout=0.1)
+    init_single_rank()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokens(tmp, args.rows, args.grid, 49408, 8192)
+        plan = make_plan(tmp, cfg.loader_unit_rows)
+        engine = overhead(shape, cfg, plan, args)
+        load = loader_rate(plan, shape, cfg, batches=400)
+    result = {
+        "headline": {"name": "engine step time / bare PyTorch step time (CPU, same model and optimizer)",
+                     "value": round(engine["ratio"], 3), "goal": 1.1, "higher_is_better": False},
+        "loader": {"name": "loader samples/s / training samples/s", "value": round(load / engine[
+            "train_samples_per_s"], 1), "goal": 20, "higher_is_better": True, "loader_samples_per_s": load},
+        "engine": engine,
+        "model": {"n_layer": args.layers, "n_embd": args.embd, "seq_len": shape.seq_len, "micro_batch": args.micro,
+                  "params": sum(p.numel() for p in DalleTransformer(shape).parameters())},
+        "zero3_12b_estimate": zero3_estimates(),
+        "gpu_1_3b": gpu_run() if torch.cuda.is_available() else None,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "threads": torch.get_num_threads()},
+    }
+    write_result("train", result)
+
+
+if __name__ == "__main__":
+    main()
