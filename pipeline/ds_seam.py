@@ -56,8 +56,12 @@ def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, 
 
 def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The prior's ds_config: a pure function of the typed config, then the user's ``prior.ds_config`` JSON on top."""
+    # ZeRO partitions state over data-parallel ranks; on one rank without offload it only adds buffer copies
+    # (1.2-1.3x step time on CPU, benchmarks/bench_train.py), so a single rank runs plain data parallel.
+    single = world_size == 1 and cfg.offload_optimizer == "none" and cfg.offload_param == "none"
     built = ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
-                      warmup_steps=cfg.warmup_steps, zero_stage=cfg.zero_stage, bf16=cfg.precision == "bf16",
+                      warmup_steps=cfg.warmup_steps, zero_stage=0 if single else cfg.zero_stage,
+                      bf16=cfg.precision == "bf16",
                       on_gpu=on_gpu, weight_decay=cfg.weight_decay, gradient_clipping=cfg.gradient_clipping,
                       min_lr_ratio=cfg.min_lr_ratio)
     gas = cfg.gradient_accumulation_steps
@@ -75,7 +79,7 @@ def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str
                 zero[key]["nvme_path"] = cfg.nvme_path
     if cfg.offload_optimizer != "none":  # offloaded steps run DeepSpeed's CPU Adam, not torch's
         built["optimizer"]["params"].pop("torch_adam")
-    if cfg.zero_stage in (2, 3):  # overlap gradient reduction with the backward pass
+    if built["zero_optimization"]["stage"] in (2, 3):  # overlap gradient reduction with the backward pass
         zero["overlap_comm"] = on_gpu
         zero["contiguous_gradients"] = True
     if not cfg.ds_config:

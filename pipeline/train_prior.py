@@ -42,7 +42,7 @@ class PriorLoss(nn.Module):
 
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         total, image_loss, text_loss = self.model.loss_parts(text, image, self.text_loss_weight)
-        self.parts = (float(image_loss), None if text_loss is None else float(text_loss))
+        self.parts = (float(image_loss.detach()), None if text_loss is None else float(text_loss.detach()))
         return total
 
 

@@ -48,6 +48,12 @@ def test_each_engine_option_lands_in_ds_config(options, expect):
         assert "torch_adam" not in ds["optimizer"]["params"]
 
 
+def test_one_rank_without_offload_skips_zero_partitioning():
+    assert ds_seam.build_ds_config(PriorConfig(zero_stage=3), 1, True)["zero_optimization"]["stage"] == 0
+    off = ds_seam.build_ds_config(PriorConfig(zero_stage=2, offload_optimizer="cpu"), 1, True)
+    assert off["zero_optimization"]["stage"] == 2  # offload needs ZeRO even on one rank
+
+
 def test_offload_needs_a_matching_zero_stage():
     from pipeline.config import ConfigError
 
