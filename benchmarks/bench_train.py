@@ -34,9 +34,9 @@ from _results import write_result  # benchmarks/ is sys.path[0] when run as a sc
 
 from pipeline import ds_seam, prior_metrics, tokenize  # noqa: E402
 from pipeline.config import PRIOR_SIZES, PriorConfig  # noqa: E402
-from pipeline.prior import DalleTransformer, PriorShape, drop_captions  # noqa: E402
+from pipeline.prior import DalleTransformer, PriorShape  # noqa: E402
 from pipeline.prior_data import TokenLoader, make_plan  # noqa: E402
-from pipeline.train_prior import PriorLoss  # noqa: E402
+from pipeline.prior_objectives import ARObjective  # noqa: E402
 
 
 def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab: int, shards: int = 4) -> None:
@@ -99,7 +99,7 @@ def overhead(shape: PriorShape, cfg: PriorConfig, plan, args, ds: dict) -> dict:
     ours_model = DalleTransformer(shape)
     bare_model = DalleTransformer(shape)
     bare_model.load_state_dict(ours_model.state_dict())
-    engine = ds_seam.initialize(PriorLoss(ours_model, cfg.text_loss_weight), ds)
+    engine = ds_seam.initialize(ARObjective(ours_model, cfg.text_loss_weight, cfg.caption_dropout), ds)
     loader = TokenLoader(plan, rank=0, world=1, micro_batch=cfg.micro_batch_size, text_len=shape.text_len, seed=0,
                          shuffle_buffer=cfg.shuffle_buffer, expect_grid=shape.image_grid)
     batches = loader.batches(0)
@@ -109,7 +109,7 @@ def overhead(shape: PriorShape, cfg: PriorConfig, plan, args, ds: dict) -> dict:
 
     def ours() -> None:
         b = next(batches)
-        loss = engine(drop_captions(b.text, cfg.caption_dropout, shape.text_vocab, gen), b.image)
+        loss = engine(b.text, b.image, generator=gen)  # caption dropout inside, as in training
         engine.backward(loss)
         engine.step()
         float(loss)  # the training loop reads the loss every step too
@@ -166,7 +166,7 @@ def gpu_run(steps: int = 20) -> dict:
     shape = PriorShape(16384, 256, 8192, 32, n_layer, n_head, n_embd)
     cfg = PriorConfig(size="1.3b", micro_batch_size=8, precision="bf16", steps=steps + 5, warmup_steps=1, num_procs=1,
                       text_len=256)
-    engine = ds_seam.initialize(PriorLoss(DalleTransformer(shape), 0.0), ds_seam.build_ds_config(cfg, 1, True))
+    engine = ds_seam.initialize(ARObjective(DalleTransformer(shape), 0.0, 0.0), ds_seam.build_ds_config(cfg, 1, True))
     text = torch.randint(0, 16384, (8, 256), device=engine.device)
     image = torch.randint(0, 8192, (8, 1024), device=engine.device)
 

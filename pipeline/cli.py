@@ -21,7 +21,9 @@ STAGES: dict[str, str] = {
     "tokenize": "image shards → Parquet token shards (dVAE codes, CLIP embeddings, BPE ids), with Ray Data",
     "train-prior": "train the autoregressive prior with DeepSpeed (prior.num_procs ranks, ZeRO prior.zero_stage)",
     "export": "token shards → clip-retrieval's layout (img_emb/, text_emb/, metadata/) for embedding-reader/autofaiss",
+    "export-prior": "a prior checkpoint (default: the newest complete) → consolidated <tag>/model.pt for sampling",
     "eval-dvae": "dVAE on held-out images: reconstruction MSE/PSNR, codebook perplexity and dead codes, a PNG",
+    "eval-prior": "diffusion prior, held-out rows: cosine to the true image embedding vs text baseline, retrieval grid",
     "sample": "captions → images: KV-cached sampling, dVAE decode, CLIP rerank; writes a sample grid",
     "demo": "every stage on the embedded default dataset served over loopback HTTP, then a report",
 }
@@ -33,7 +35,8 @@ def _run(stage: str, cfg: Config) -> dict[str, Any]:
     runners: dict[str, Callable[[Config], Any]] = {
         "download": stages.download, "train-dvae": stages.train_dvae, "train-clip": stages.train_clip,
         "tokenize": stages.tokenize, "train-prior": stages.train_prior, "sample": lambda c: stages.sample(c)[0],
-        "eval-dvae": _eval_dvae, "export": _export,
+        "eval-dvae": _eval_dvae, "export": _export, "export-prior": _export_prior,
+        "eval-prior": _eval_prior,
     }
     if stage == "demo":
         from pipeline.demo import run_demo
@@ -57,6 +60,18 @@ def _export(cfg: Config) -> dict[str, Any]:
     from pipeline.export import export_clip_retrieval
 
     return export_clip_retrieval(cfg.path("tokens"), cfg.path("clip_retrieval"))
+
+
+def _eval_prior(cfg: Config) -> dict[str, Any]:
+    from pipeline.eval_prior import eval_prior
+
+    return eval_prior(cfg)
+
+
+def _export_prior(cfg: Config) -> dict[str, Any]:
+    from pipeline.prior_ckpt import export_weights
+
+    return {"model": export_weights(cfg.path("prior"))}
 
 
 def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> argparse.ArgumentParser:
@@ -87,10 +102,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int
         return 2
     from pipeline.commit import RunMismatchError
     from pipeline.download import InputError
+    from pipeline.ds_seam import CheckpointError
+    from pipeline.prior_data import DataError
 
     try:
         result = _run(args.stage, cfg)
-    except (InputError, RunMismatchError) as exc:  # bad input / changed settings: a message, not a traceback
+    except (InputError, RunMismatchError, CheckpointError, DataError) as exc:  # bad input: a message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.stage != "demo":

@@ -263,6 +263,11 @@ class SampleConfig:
     guidance_scale: float = 1.0
     """Classifier-free guidance: logits = uncond + scale × (cond − uncond); 1 is plain conditional sampling (needs a
     prior trained with prior.caption_dropout > 0 to mean anything above 1)."""
+    diffusion_sampler: str = "ddim"
+    """Diffusion prior: ddim (deterministic) or ddpm (ancestral)."""
+    diffusion_steps: int = 64
+    diffusion_candidates: int = 2
+    """Diffusion prior: image embeddings drawn per caption; the one closest to the text embedding is kept."""
     seed: int = 0
     output: str = ""
     """Report folder; empty means <run_dir>/report."""
@@ -273,6 +278,9 @@ class SampleConfig:
         _check(self.temperature > 0, "sample.temperature", "must be > 0")
         _check(self.top_k >= 0, "sample.top_k", "must be >= 0")
         _check(self.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
+        _check(self.diffusion_sampler in ("ddim", "ddpm"), "sample.diffusion_sampler", "must be ddim or ddpm")
+        _check(self.diffusion_steps > 0 and self.diffusion_candidates > 0, "sample.diffusion_steps",
+               "diffusion_steps and diffusion_candidates must be > 0")
 
 
 @dataclass

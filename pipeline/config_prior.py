@@ -20,6 +20,9 @@ OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 class PriorConfig:
     """The DALL-E 1 autoregressive transformer over text + image tokens, trained with DeepSpeed."""
 
+    kind: str = "ar"
+    """ar: DALL-E 1's autoregressive transformer over text + image tokens; diffusion: DALL-E 2's diffusion prior from
+    the CLIP text embedding (and caption tokens) to the CLIP image embedding. Same engine, loader and checkpoints."""
     size: str = ""
     """A named size (tiny, 350m, 1.3b, 4b, 12b) that sets n_layer, n_head and n_embd; empty: use those keys."""
     n_layer: int = 4
@@ -36,6 +39,15 @@ class PriorConfig:
     """Share of the loss on caption tokens (DALL-E: 0.125, i.e. 1/8 text and 7/8 image); 0 trains image tokens only."""
     caption_dropout: float = 0.0
     """Probability a training caption is replaced by the empty (all-pad) caption, for classifier-free guidance."""
+    timesteps: int = 1000
+    """Diffusion steps of the cosine noise schedule (kind: diffusion)."""
+    ema_decay: float = 0.999
+    """EMA of the diffusion prior's weights, saved with checkpoints and exported for sampling; 0 turns it off."""
+    heldout_percent: float = 5.0
+    """Diffusion: rows (chosen by key hash) never trained on, for the held-out evaluation."""
+    eval_every: int = 0
+    """Diffusion: held-out cosine logged every N steps (0: only at the end)."""
+    eval_rows: int = 256
     steps: int = 600
     micro_batch_size: int = 32
     gradient_accumulation_steps: int = 1
@@ -101,6 +113,11 @@ class PriorConfig:
             _check(getattr(self, name) >= 0, f"prior.{name}", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), "prior.zero_stage", "must be 0, 1, 2 or 3")
         _check(self.precision in ("fp32", "bf16", "fp16"), "prior.precision", "must be fp32, bf16 or fp16")
+        _check(self.kind in ("ar", "diffusion"), "prior.kind", "must be ar or diffusion")
+        _check(self.timesteps > 1, "prior.timesteps", "must be > 1")
+        _check(0.0 <= self.ema_decay < 1.0, "prior.ema_decay", "must be in [0, 1)")
+        _check(0.0 <= self.heldout_percent < 100.0, "prior.heldout_percent", "must be in [0, 100)")
+        _check(self.eval_every >= 0 and self.eval_rows > 0, "prior.eval_every", "eval_every >= 0, eval_rows > 0")
         _check(self.launcher in ("deepspeed", "ray"), "prior.launcher", "must be deepspeed or ray")
         _check(self.resume in ("auto", "require", "never"), "prior.resume", "must be auto, require or never")
         self._check_offload()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline import ds_seam
 from pipeline.ds_seam import CheckpointError
-from pipeline.prior import PriorShape
 from pipeline.prior_data import DataPlan
 
 
@@ -63,12 +62,64 @@ def _drop_partial(out: str, tags: list[str]) -> None:
         shutil.rmtree(os.path.join(out, t), ignore_errors=True)
 
 
-def write_weights(engine, zero_stage: int, shape: PriorShape, meta: dict[str, Any], steps: int, path: str) -> None:
-    """Consolidated fp32 weights (gathered from ZeRO-3 shards when needed) that load without DeepSpeed."""
+def write_weights(engine, zero_stage: int, shape: Any, meta: dict[str, Any], steps: int, path: str,
+                  ema: Any = None) -> None:
+    """Consolidated fp32 weights (gathered from ZeRO-3 shards when needed) that load without DeepSpeed; for the
+    diffusion prior the EMA weights, which sampling uses."""
+    from pipeline.prior_objectives import weights_blob
+
     state = ds_seam.consolidated_state_dict(engine, zero_stage)
     if state is None:  # not rank 0
         return
     weights = {k.removeprefix("model."): v for k, v in state.items()}
+    ema_weights = None if ema is None else with_ema(weights, dict(ema.module.named_buffers()))
     tmp = path + ".tmp"
-    torch.save({"shape": asdict(shape), "state_dict": weights, "tokens_meta": meta, "steps": steps}, tmp)
+    torch.save(weights_blob(shape, weights, meta, steps, ema_weights), tmp)
     os.replace(tmp, path)
+
+
+def export_weights(out: str, tag: str | None = None) -> str:
+    """Consolidated fp32 weights of a saved checkpoint (default: the newest complete one) as ``<out>/<tag>/model.pt``,
+    loadable by ``pipeline.train_prior.load_prior`` without DeepSpeed or GPUs, ZeRO-sharded or not."""
+    tag = tag or ds_seam.latest_complete(out)
+    if tag is None:
+        raise CheckpointError(f"{out}: no complete checkpoint to export")
+    ds_seam.verify_checkpoint(out, tag)
+    tag_dir = os.path.join(out, tag)
+    try:
+        state = json.loads(open(os.path.join(tag_dir, "train_state.json")).read())
+        stage = json.loads(open(os.path.join(tag_dir, "ds_config.json")).read())["zero_optimization"]["stage"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{tag_dir}: no readable train_state.json/ds_config.json ({exc})") from exc
+    if stage == 0:  # plain data parallel: rank 0's model file holds every weight
+        module = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)["module"]
+    else:  # ZeRO 1-3: DeepSpeed's own offline consolidation of the fp32 partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(out, tag)
+    weights = {k.removeprefix("model."): v.float() for k, v in module.items()}
+    blob = {"kind": state.get("kind", "ar"), "shape": state["shape"], "state_dict": weights,
+            "tokens_meta": state["data_plan"]["meta"], "steps": state["step"]}
+    ema = _saved_ema(tag_dir)
+    if ema is not None:  # the diffusion prior samples with its EMA weights
+        blob["raw_state_dict"] = weights
+        blob["state_dict"] = with_ema(weights, ema)
+    path = os.path.join(tag_dir, "model.pt")
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _saved_ema(tag_dir: str) -> dict[str, torch.Tensor] | None:
+    """The EMA buffers a diffusion run saved in its client state (rank 0's model-states file), if any."""
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False).get("ema")
+
+
+def with_ema(weights: dict[str, torch.Tensor], ema_buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with each parameter replaced by its fp32 EMA (EMA buffers are named like the parameter, '.' → '__');
+    the model's own buffers stay as they are."""
+    return {k: ema_buffers.get(k.replace(".", "__"), v).float().cpu() for k, v in weights.items()}

@@ -49,13 +49,10 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import commit, schema
+from pipeline.token_rows import EMBED_COLUMNS, TOKEN_COLUMNS, DataError, RowGroup, heldout_mask, pad_tokens
 
-COLUMNS = ["key", "text_tokens", "image_tokens"]
+__all__ = ["Batch", "DataError", "DataPlan", "TokenLoader", "check_plan", "heldout_mask", "make_plan", "pad_tokens"]
 _FOOTER_THREADS = 16  # footers are tiny; on S3 their latency, not bandwidth, dominates plan time
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file (and row key where relevant) and the reason."""
 
 
 @dataclass
@@ -171,6 +168,9 @@ class Batch:
     keys: list[str]
     text: torch.Tensor  # (B, text_len) int64, truncated and padded with per-position pads
     image: torch.Tensor  # (B, grid²) int64
+    text_emb: torch.Tensor | None = None  # (B, D) float32 CLIP text embeddings, when the loader reads embeddings
+    image_emb: torch.Tensor | None = None  # (B, D) float32 CLIP image embeddings
+    valid: torch.Tensor | None = None  # (B,) bool: usable embeddings and not held out; the loss skips the rest
 
 
 @dataclass
@@ -189,6 +189,7 @@ class _Window:
     keys: np.ndarray  # object array of str
     text: np.ndarray  # (n, text_len) int64, padded
     image: np.ndarray  # (n, grid²) uint16
+    extras: dict[str, np.ndarray]  # text_emb, image_emb, valid when embeddings are read
 
 
 def _unit_table(plan: DataPlan) -> np.ndarray:
@@ -213,50 +214,12 @@ def _window_bounds(sizes: np.ndarray, buffer: int) -> np.ndarray:
     return np.asarray(bounds, dtype=np.int64)
 
 
-def pad_tokens(starts: np.ndarray, lens: np.ndarray, values: np.ndarray, text_len: int, text_vocab: int) -> np.ndarray:
-    """Ragged rows (values[starts[i]:starts[i] + lens[i]]) → (n, text_len) int64 with per-position pads, vectorised."""
-    pos = np.arange(text_len, dtype=np.int64)
-    out = np.broadcast_to(pos + text_vocab, (len(starts), text_len)).copy()
-    take = pos[None, :] < np.minimum(lens, text_len)[:, None]
-    out[take] = values[(starts[:, None] + pos[None, :])[take]]
-    return out
-
-
-class _Group:
-    """One decoded, validated row group."""
-
-    def __init__(self, table: pa.Table, path: str, width: int, text_vocab: int, image_vocab: int):
-        self.keys = table.column("key").to_numpy()
-        img = table.column("image_tokens").combine_chunks()
-        if img.type.list_size != width:
-            raise DataError(f"{path}: image_tokens rows hold {img.type.list_size} tokens, expected {width}")
-        if img.null_count:
-            i = int(np.argmin(img.is_valid().to_numpy(zero_copy_only=False)))
-            raise DataError(f"{path}: row key {self.keys[i]!r}: image_tokens is null")
-        self.image = img.flatten().to_numpy(zero_copy_only=False).reshape(len(self.keys), width)
-        if self.image.size and int(self.image.max()) >= image_vocab:
-            i = int(np.argmax((self.image >= image_vocab).any(1)))
-            raise DataError(f"{path}: row key {self.keys[i]!r}: image token {int(self.image[i].max())} >= dVAE vocab "
-                            f"{image_vocab}")
-        txt = table.column("text_tokens").combine_chunks()
-        offsets = txt.offsets.to_numpy().astype(np.int64)
-        self.values = txt.values.to_numpy(zero_copy_only=False)
-        self.starts, self.lens = offsets[:-1], np.diff(offsets)
-        if txt.null_count:  # a null caption reads as the empty caption
-            self.lens = np.where(txt.is_valid().to_numpy(zero_copy_only=False), self.lens, 0)
-        used = self.values[offsets[0]:offsets[-1]]
-        if used.size and int(used.max()) >= text_vocab:
-            j = int(offsets[0]) + int(np.argmax(used >= text_vocab))
-            i = int(np.searchsorted(offsets, j, side="right")) - 1
-            raise DataError(f"{path}: row key {self.keys[i]!r}: text token {int(self.values[j])} >= text vocab "
-                            f"{text_vocab}")
-
-
 class TokenLoader:
     """Rank ``rank`` of ``world``'s batches, streamed from ``plan``; see the module docstring for the order."""
 
     def __init__(self, plan: DataPlan, *, rank: int, world: int, micro_batch: int, text_len: int, seed: int,
-                 shuffle_buffer: int, prefetch: int = 2, expect_grid: int | None = None):
+                 shuffle_buffer: int, prefetch: int = 2, expect_grid: int | None = None, embeddings: bool = False,
+                 heldout_percent: float = 0.0):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world {world}")
         for name, v in (("micro_batch", micro_batch), ("text_len", text_len), ("shuffle_buffer", shuffle_buffer),
@@ -281,6 +244,10 @@ class TokenLoader:
         self._footers: OrderedDict[int, pq.FileMetaData] = OrderedDict()
         self._active: list[tuple[threading.Thread, threading.Event]] = []
         self.row_groups_read = 0  # a counter for tests and benchmarks
+        self.embed_dim = int(plan.meta["embed_dim"]) if embeddings else 0
+        self.heldout_percent = heldout_percent
+        self.columns = TOKEN_COLUMNS + (EMBED_COLUMNS if embeddings else [])
+        self.unusable_rows = 0  # rows read whose embeddings were NaN/inf/zero (masked out of the loss)
         self.steps_per_epoch = self._deal(0).steps
 
     # ---- the order: pure functions of the arguments -------------------------------------------------------------
@@ -336,7 +303,7 @@ class TokenLoader:
             epoch, window = epoch + 1, 0
 
     # ---- reading ------------------------------------------------------------------------------------------------
-    def _read_groups(self, shard: int, groups: list[int]) -> dict[int, _Group]:
+    def _read_groups(self, shard: int, groups: list[int]) -> dict[int, RowGroup]:
         path = self.plan.shards[shard]["path"]
         out = {}
         with self._fs.open(path, "rb") as f:
@@ -345,31 +312,40 @@ class TokenLoader:
                 self._footers[shard] = pf.metadata
                 while len(self._footers) > 256:
                     self._footers.popitem(last=False)
+            missing = [c for c in self.columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise DataError(f"{path}: no column(s) {', '.join(missing)}"
+                                + ("; the diffusion prior trains on CLIP embeddings" if self.embed_dim else ""))
             for g in groups:
                 try:
-                    table = pf.read_row_group(g, columns=COLUMNS)
+                    table = pf.read_row_group(g, columns=self.columns)
                 except pa.ArrowException as e:
                     raise DataError(f"{path}: cannot read row group {g} ({e})") from e
                 self.row_groups_read += 1
-                out[g] = _Group(table, path, self.grid * self.grid, self.text_vocab, self.image_vocab)
+                out[g] = RowGroup(table, path, self.grid * self.grid, self.text_vocab, self.image_vocab,
+                                  self.embed_dim, self.heldout_percent)
+                self.unusable_rows += getattr(out[g], "unusable", 0)
         return out
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         deal = self._deal(epoch)
         units = self._units[deal.units[deal.bounds[w]: deal.bounds[w + 1]]]
-        groups: dict[tuple[int, int], _Group] = {}
+        groups: dict[tuple[int, int], RowGroup] = {}
         for shard in np.unique(units[:, 0]):
             wanted = sorted({int(g) for g in units[units[:, 0] == shard, 1]})  # each row group read once per window
             groups |= {(int(shard), g): grp for g, grp in self._read_groups(int(shard), wanted).items()}
-        keys, text, image = [], [], []
+        keys, text, image, extras = [], [], [], {}
         for s, g, lo, hi in units.tolist():
             grp = groups[(s, g)]
             keys.append(grp.keys[lo:hi])
             text.append(pad_tokens(grp.starts[lo:hi], grp.lens[lo:hi], grp.values, self.text_len, self.text_vocab))
             image.append(grp.image[lo:hi])
+            for name, arr in grp.extras.items():
+                extras.setdefault(name, []).append(arr[lo:hi])
         n = int(deal.starts[w + 1] - deal.starts[w])
         perm = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank, w])).permutation(n)
-        return _Window(epoch, w, np.concatenate(keys)[perm], np.concatenate(text)[perm], np.concatenate(image)[perm])
+        return _Window(epoch, w, np.concatenate(keys)[perm], np.concatenate(text)[perm], np.concatenate(image)[perm],
+                       {name: np.concatenate(parts)[perm] for name, parts in extras.items()})
 
     def _produce(self, start_step: int, q: queue.Queue, stop: threading.Event) -> None:
         def put(item: object) -> bool:
@@ -415,10 +391,12 @@ class TokenLoader:
                     a, b = lo - int(starts[w]), min(hi, int(starts[w + 1])) - int(starts[w])
                     pieces.append((current, a, b))
                     lo += b - a
+                extras = {name: torch.from_numpy(np.concatenate([p.extras[name][a:b] for p, a, b in pieces]))
+                          for name in pieces[0][0].extras}
                 yield Batch(step=step, keys=np.concatenate([p.keys[a:b] for p, a, b in pieces]).tolist(),
                             text=torch.from_numpy(np.concatenate([p.text[a:b] for p, a, b in pieces])),
                             image=torch.from_numpy(np.concatenate([p.image[a:b] for p, a, b in pieces])
-                                                   .astype(np.int64)))
+                                                   .astype(np.int64)), **extras)
         finally:
             self._stop(thread, stop)
 

@@ -56,6 +56,15 @@ def prior_flops_per_sample(shape: PriorShape, text_head: bool = False) -> float:
     return body + head
 
 
+def flops_for(shape: Any, text_head: bool = False) -> float:
+    """Training FLOPs per sample for either prior. The diffusion prior's sequence is [caption tokens ; text emb ;
+    time ; noised image emb ; query] (``shape.seq_len``) and its head projects only the final query to embed_dim."""
+    if hasattr(shape, "image_vocab"):
+        return prior_flops_per_sample(shape, text_head)
+    body = flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, 0) * shape.seq_len
+    return body + 3.0 * 2.0 * shape.n_embd * shape.embed_dim
+
+
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak TFLOP/s of one device. NVIDIA datasheets quote "with sparsity"
 # figures, twice these: H100 SXM 1979 / PCIe 1513 (H100 datasheet), H200 SXM 1979 (H200 datasheet), A100 312 dense
 # (A100 datasheet), L40S 733 (L40S datasheet), A10 250 (A10 datasheet; AWS's A10G is taken at the A10's value, it

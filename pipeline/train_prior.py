@@ -16,43 +16,18 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline import ds_seam, prior_metrics
 from pipeline.config import Config, load_config, to_dict
-from pipeline.prior import DalleTransformer, PriorShape, drop_captions
+from pipeline.prior import DalleTransformer, PriorShape
 from pipeline.prior_ckpt import find_resume, write_weights
 from pipeline.prior_data import DataError, TokenLoader, check_plan, make_plan
-
-
-class PriorLoss(nn.Module):
-    """What the engine runs: the model plus its loss, so forward hooks (ZeRO-3) see every call. The split losses of
-    the last call are kept (detached) for logging."""
-
-    def __init__(self, model: DalleTransformer, text_loss_weight: float):
-        super().__init__()
-        self.model = model
-        self.text_loss_weight = text_loss_weight
-        self.parts: tuple[float, float | None] = (0.0, None)
-
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        total, image_loss, text_loss = self.model.loss_parts(text, image, self.text_loss_weight)
-        self.parts = (float(image_loss.detach()), None if text_loss is None else float(text_loss.detach()))
-        return total
-
-
-def prior_shape(cfg: Config, meta: dict[str, Any]) -> PriorShape:
-    p = cfg.prior
-    attention = tuple(p.layer_attention())
-    return PriorShape(text_vocab=int(meta["tokenizer"]["vocab_size"]), text_len=p.text_len,
-                      image_vocab=int(meta["dvae"]["vocab_size"]), image_grid=int(meta["grid"]),
-                      n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, dropout=p.dropout,
-                      attention=() if set(attention) == {"dense"} else attention, conv_kernel=p.conv_kernel)
+from pipeline.prior_objectives import build_objective, make_ema, prior_shape, update_ema
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,8 +59,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """Caption dropout draws from (seed, step, rank) alone, so a resumed run drops exactly the same captions."""
+def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """Every random draw of a step (caption dropout, diffusion noise and timesteps) comes from (seed, step, rank)
+    alone, so a resumed run draws exactly what the uninterrupted run drew."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
 
 
@@ -103,12 +79,16 @@ def train(cfg: Config, rank: int, world: int) -> None:
         changed = sorted(k for k in set(resume.shape) | set(now) if resume.shape.get(k) != now.get(k))
         raise DataError(f"{out}/{resume.tag}: model shape {changed} differs from this config and the data "
                         f"({plan.folder}); keep the checkpoint's shape or train into a new prior.output")
-    model = DalleTransformer(shape, activation_checkpointing=p.activation_checkpointing)
+    objective = build_objective(cfg, shape)
+    ema = make_ema(cfg, objective)
     ds = ds_seam.build_ds_config(p, world, torch.cuda.is_available())
-    engine = ds_seam.initialize(PriorLoss(model, p.text_loss_weight), ds)
+    engine = ds_seam.initialize(objective, ds)
     start = 0
     if resume:
-        start = int(ds_seam.load_checkpoint(engine, out, resume.tag)["step"])
+        client = ds_seam.load_checkpoint(engine, out, resume.tag)
+        start = int(client["step"])
+        if ema is not None and "ema" in client:
+            ema.module.load_state_dict(client["ema"])
         rng = ds_seam.load_rank_state(out, resume.tag, rank)
         if rng is not None:
             _set_rng_state(rng["rng"])
@@ -119,71 +99,103 @@ def train(cfg: Config, rank: int, world: int) -> None:
                 print(f"[train-prior] already trained to step {start}; nothing to do", flush=True)
             return
     loader = TokenLoader(plan, rank=rank, world=world, micro_batch=p.micro_batch_size, text_len=p.text_len,
-                         seed=cfg.seed, shuffle_buffer=p.shuffle_buffer, expect_grid=shape.image_grid)
+                         seed=cfg.seed, shuffle_buffer=p.shuffle_buffer,
+                         expect_grid=getattr(shape, "image_grid", None), embeddings=objective.needs_embeddings,
+                         heldout_percent=p.heldout_percent if objective.needs_embeddings else 0.0)
     try:
-        _loop(cfg, engine, loader, shape, plan, ds, rank, world, start)
+        _loop(cfg, Run(engine, loader, shape, plan, ds, ema, rank, world), start)
     finally:
         loader.close()
 
 
-def _loop(cfg: Config, engine, loader: TokenLoader, shape: PriorShape, plan, ds: dict[str, Any], rank: int,
-          world: int, start: int) -> None:
-    p, out = cfg.prior, cfg.path("prior")
+@dataclass
+class Run:
+    engine: Any
+    loader: TokenLoader
+    shape: Any
+    plan: Any
+    ds: dict[str, Any]
+    ema: Any
+    rank: int
+    world: int
+
+
+def _micro_step(run: Run, batch, seed: int) -> tuple[float, dict[str, float]]:
+    dev = run.engine.device
+    tensors = {k: getattr(batch, k) for k in ("text", "image", "text_emb", "image_emb", "valid")}
+    tensors = {k: v.to(dev) for k, v in tensors.items() if v is not None}
+    loss = run.engine(generator=_step_generator(seed, batch.step, run.rank), **tensors)
+    run.engine.backward(loss)
+    run.engine.step()
+    return float(loss.detach()), run.engine.module.parts
+
+
+def _loop(cfg: Config, run: Run, start: int) -> None:
+    p, out, engine, rank = cfg.prior, cfg.path("prior"), run.engine, run.rank
     gas = p.gradient_accumulation_steps
     log = prior_metrics.MetricsLog(out, p.steps, tensorboard=p.tensorboard) if rank == 0 else None
     if log is not None:
         log.truncate_after(start)  # steps past the checkpoint are trained again; log them once
     keys_file = _open_keys(out, rank, start) if p.record_keys else None
-    flops = prior_metrics.prior_flops_per_sample(shape, text_head=p.text_loss_weight > 0)
+    flops = prior_metrics.flops_for(run.shape, p.text_loss_weight > 0)
     peak = prior_metrics.device_peak_tflops(p.peak_tflops)
-    batches = loader.batches(start * gas)
-    sums, t_window = np.zeros(4), time.time()
+    batches = run.loader.batches(start * gas)
+    sums: dict[str, float] = {}
+    t_window = time.time()
     for step in range(start, p.steps):
         for _ in range(gas):
             batch = next(batches)
-            text = drop_captions(batch.text, p.caption_dropout, shape.text_vocab,
-                                 _caption_generator(cfg.seed, batch.step, rank))
-            loss = engine(text.to(engine.device), batch.image.to(engine.device))
-            engine.backward(loss)
-            engine.step()
-            image_loss, text_loss = engine.module.parts
-            sums += (float(loss), image_loss, text_loss or 0.0, 1)
+            loss, parts = _micro_step(run, batch, cfg.seed)
+            for k, v in {"loss": loss, **parts, "micro_batches": 1.0}.items():
+                sums[k] = sums.get(k, 0.0) + v
             if keys_file is not None:
                 keys_file.write("".join(f"{step}\t{k}\n" for k in batch.keys))
+        update_ema(run.ema, engine, p.zero_stage)
         ds_seam.fault_point("step", step + 1, rank)
         done = step + 1
         if done % p.log_every == 0 or done == p.steps:
-            totals = torch.tensor(sums, dtype=torch.float64)
-            torch.distributed.all_reduce(totals)
-            rate = totals[3].item() * p.micro_batch_size / (time.time() - t_window)
-            if log is not None:
-                mean = (totals[:3] / totals[3]).tolist()
-                log.log({"step": done, "loss": mean[0], "image_loss": mean[1],
-                         "text_loss": mean[2] if p.text_loss_weight > 0 else None, "lr": engine.get_lr()[0],
-                         "samples_per_s": rate, "tokens_per_s": rate * shape.seq_len,
-                         "mfu": prior_metrics.mfu(rate, flops, world, peak), "epoch": done * gas // max(
-                             loader.steps_per_epoch, 1), **prior_metrics.memory_stats()})
-            sums, t_window = np.zeros(4), time.time()
+            _log(run, log, sums, done, flops, peak, time.time() - t_window, cfg)
+            sums, t_window = {}, time.time()
         if done == p.steps or (p.save_every and done % p.save_every == 0):
             if keys_file is not None:
                 keys_file.flush()
-            _save(cfg, engine, shape, plan, ds, done, loader)
+            _save(cfg, run, done)
     if keys_file is not None:
         keys_file.close()
-    write_weights(engine, p.zero_stage, shape, plan.meta, p.steps, os.path.join(out, "model.pt"))
+    write_weights(engine, p.zero_stage, run.shape, run.plan.meta, p.steps, os.path.join(out, "model.pt"), run.ema)
     if log is not None:
         log.close()
         prior_metrics.plot_loss_curve(out)
 
 
-def _save(cfg: Config, engine, shape: PriorShape, plan, ds: dict[str, Any], step: int, loader: TokenLoader) -> None:
-    state = {"step": step, "seed": cfg.seed, "samples_seen": step * cfg.prior.micro_batch_size * engine.world_size *
-             cfg.prior.gradient_accumulation_steps}
-    files = {"ds_config.json": ds, "config.json": to_dict(cfg),
-             "train_state.json": {**state, "shape": asdict(shape), "data_plan": plan.to_json(),
-                                  "data_position": loader.position(step * cfg.prior.gradient_accumulation_steps)}}
-    ds_seam.save_checkpoint(engine, cfg.path("prior"), step, state, rank_state={"rng": _rng_state()}, files=files,
-                            keep=cfg.prior.keep_checkpoints)
+def _log(run: Run, log, sums: dict[str, float], done: int, flops: float, peak: float | None, seconds: float,
+         cfg: Config) -> None:
+    """Means over the window's micro-batches and all ranks (``valid``: rows trained on, summed)."""
+    names = sorted(sums)
+    totals = torch.tensor([sums[k] for k in names], dtype=torch.float64)
+    torch.distributed.all_reduce(totals)
+    agg = dict(zip(names, totals.tolist()))
+    n = agg.pop("micro_batches")
+    rate = n * cfg.prior.micro_batch_size / seconds
+    if log is None:
+        return
+    rec = {k: v if k == "valid" else v / n for k, v in agg.items()}
+    log.log({"step": done, **rec, "lr": run.engine.get_lr()[0], "samples_per_s": rate,
+             "tokens_per_s": rate * run.shape.seq_len, "mfu": prior_metrics.mfu(rate, flops, run.world, peak),
+             "epoch": done * cfg.prior.gradient_accumulation_steps // max(run.loader.steps_per_epoch, 1),
+             "unusable_rows_read": run.loader.unusable_rows, **prior_metrics.memory_stats()})
+
+
+def _save(cfg: Config, run: Run, step: int) -> None:
+    gas = cfg.prior.gradient_accumulation_steps
+    state: dict[str, Any] = {"step": step, "seed": cfg.seed,
+                             "samples_seen": step * cfg.prior.micro_batch_size * run.world * gas}
+    files = {"ds_config.json": run.ds, "config.json": to_dict(cfg),
+             "train_state.json": {**state, "kind": cfg.prior.kind, "shape": asdict(run.shape),
+                                  "data_plan": run.plan.to_json(), "data_position": run.loader.position(step * gas)}}
+    client = dict(state, ema=run.ema.module.state_dict()) if run.ema is not None else state
+    ds_seam.save_checkpoint(run.engine, cfg.path("prior"), step, client, rank_state={"rng": _rng_state()},
+                            files=files, keep=cfg.prior.keep_checkpoints)
 
 
 def _open_keys(out: str, rank: int, start: int):

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import ds_seam, tokenize
 from pipeline.config import load_config
-from pipeline.prior_ckpt import find_resume
+from pipeline.prior_ckpt import export_weights, find_resume
 from pipeline.prior_data import DataError, make_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,6 +141,20 @@ def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
 
     model, meta = load_prior(str(out / "model.pt"))  # weights gathered from the ZeRO-3 shards
     assert meta["grid"] == GRID and sum(p.numel() for p in model.parameters()) > 10_000
+    exported, _ = load_prior(export_weights(str(out)))  # offline, from the sharded checkpoint on disk
+    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_export_of_any_checkpoint_without_deepspeed_ranks(reference):
+    from pipeline.train_prior import load_prior
+
+    final, _ = load_prior(str(reference / "model.pt"))
+    last, _ = load_prior(export_weights(str(reference)))
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), last.state_dict().values()))
+    earlier, meta = load_prior(export_weights(str(reference), "step00000008"))
+    assert meta["grid"] == GRID and not torch.equal(earlier.image_head.weight, final.image_head.weight)
 
 
 def test_resume_policies_refuse_clearly(tmp_path, tokens):
