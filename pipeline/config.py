@@ -297,6 +297,9 @@ class Config:
     clip: ClipConfig = field(default_factory=ClipConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    diffusion: PriorConfig = field(default_factory=lambda: PriorConfig(kind="diffusion"))
+    """The demo's second prior (DALL-E 2's), trained after the autoregressive one into <run_dir>/prior_diffusion.
+    Outside the demo, train one with `train-prior prior.kind=diffusion`."""
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
@@ -307,6 +310,7 @@ class Config:
         """The output location of a stage: its ``output`` key if set, else ``<run_dir>/<default name>``."""
         explicit = {"images": self.download.output, "dvae": self.dvae.output, "clip": self.clip.output,
                     "tokens": self.tokenize.output, "prior": self.prior.output, "report": self.sample.output,
+                    "prior_diffusion": self.diffusion.output,
                     "clip_retrieval": self.tokenize.export}
         if stage == "tokens_input":
             return self.tokenize.input or self.path("images")

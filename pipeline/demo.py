@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,11 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     _print_stage("train-prior", summaries["train-prior"])
     summaries["sample"], results = stages.sample(cfg)
     _print_stage("sample", summaries["sample"])
+    dcfg = stages.diffusion_config(cfg)  # DALL-E 2's prior: same tokens, same engine
+    summaries["train-diffusion-prior"] = stages.train_prior(dcfg)
+    _print_stage("train-diffusion-prior", summaries["train-diffusion-prior"])
+    summaries["eval-prior"] = stages.eval_prior(dcfg)
+    _print_stage("eval-prior", summaries["eval-prior"])
     report_path = write_report(cfg, summaries, results, images)
     summaries["total"] = {"wall_s": round(time.time() - t_all, 2)}
     return {"report": report_path, "stages": summaries, "match": summaries["sample"]["match"],
@@ -97,8 +103,18 @@ def write_report(cfg: Config, summaries: dict[str, dict[str, Any]], results: lis
         curves["CLIP (contrastive)"] = list(enumerate(json.loads(clip_metrics.read_text())["losses"], 1))
     prior_lines = (Path(cfg.path("prior")) / "metrics.jsonl").read_text().splitlines()
     curves["prior (image-token CE, DeepSpeed)"] = [(r["step"], r["loss"]) for r in map(json.loads, prior_lines)]
+    diffusion = Path(cfg.path("prior_diffusion"))
+    if (diffusion / "metrics.jsonl").exists():
+        curves["diffusion prior (x0 MSE, DeepSpeed)"] = [
+            (r["step"], r["loss"]) for r in map(json.loads, (diffusion / "metrics.jsonl").read_text().splitlines())]
     report.loss_curves(curves, str(out / "loss_curves.png"))
     figures = {"Samples for held-out captions (CLIP-reranked, best outlined)": "samples.png",
                "dVAE reconstructions (top: downloaded, bottom: decoded from tokens)": "dvae_reconstructions.png",
                "Loss curves": "loss_curves.png"}
-    return report.write_markdown(str(out), summaries, summaries["sample"], figures)
+    diffusion_eval = diffusion / "eval" / "eval.json"
+    if diffusion_eval.exists():
+        shutil.copy(diffusion / "eval" / "retrieval.png", out / "diffusion_retrieval.png")
+        figures["Diffusion prior: nearest dataset images to the predicted CLIP image embedding (held-out captions, "
+                "true image outlined)"] = "diffusion_retrieval.png"
+    return report.write_markdown(str(out), summaries, summaries["sample"], figures,
+                                 json.loads(diffusion_eval.read_text()) if diffusion_eval.exists() else None)

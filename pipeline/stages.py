@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -128,6 +129,21 @@ def train_prior(cfg: Config) -> dict[str, Any]:
     ds_seam.launch("pipeline.train_prior", str(resolved), cfg.prior.num_procs, str(out / "launcher.log"),
                    "[train-prior]")
     return _prior_summary(cfg, out, t0)
+
+
+def diffusion_config(cfg: Config) -> Config:
+    """``cfg`` with its ``diffusion`` section as the prior to train/evaluate (output <run_dir>/prior_diffusion)."""
+    section = dataclasses.replace(cfg.diffusion, kind="diffusion", output=cfg.path("prior_diffusion"))
+    return dataclasses.replace(cfg, prior=section)
+
+
+def eval_prior(cfg: Config) -> dict[str, Any]:
+    from pipeline.eval_prior import eval_prior as run
+
+    t0 = time.time()
+    result = run(cfg)
+    return _stamp({k: v for k, v in result.items() if k.startswith(("cos_", "recall", "text_recall", "uncond_recall"))
+                   or k in ("beats_text_baseline", "evaluated", "index_rows", "chance_recall_at_k")}, t0)
 
 
 def _prior_summary(cfg: Config, out: Path, t0: float) -> dict[str, Any]:
