@@ -28,7 +28,8 @@ def test_demo_prints_ok_line_and_stage_times(demo_run):
     last = [line for line in out.splitlines() if line.startswith("demo ok:")]
     assert last, out[-2000:]
     assert f"report={run}/report/report.md" in last[0] and "chance=0.125" in last[0]
-    for stage in ("download", "train-dvae", "train-clip", "tokenize", "train-prior", "sample"):
+    for stage in ("download", "train-dvae", "train-clip", "tokenize", "train-prior", "sample",
+                  "train-diffusion-prior", "eval-prior"):
         assert f"[demo] {stage}:" in out
 
 
@@ -70,6 +71,20 @@ def test_report_has_pictures_and_figures(demo_run):
     assert "samples.png" in md and "| train-prior |" in md
     scores = json.loads((report / "report.json").read_text())["scores"]
     assert 0.0 <= scores["match"] <= 1.0 and scores["scored"] == 4
+
+
+def test_diffusion_prior_beats_the_text_embedding_baseline_on_heldout_rows(demo_run):
+    """DALL-E 2's prior, trained by the demo on the same tokens with the demo's CLIP, on rows it never saw."""
+    run, _ = demo_run
+    ev = json.loads((run / "prior_diffusion" / "eval" / "eval.json").read_text())
+    assert ev["evaluated"] >= 5 and ev["index_rows"] == 120
+    assert ev["cos_pred_image"] > ev["cos_text_image"], ev  # the issue's acceptance test
+    assert ev["beats_text_baseline"] is True
+    md = (run / "report" / "report.md").read_text()
+    assert "## Diffusion prior (held-out rows)" in md and "diffusion_retrieval.png" in md
+    assert (run / "report" / "diffusion_retrieval.png").read_bytes()[:4] == b"\x89PNG"
+    held = json.loads((run / "prior_diffusion" / "step00000150" / "train_state.json").read_text())
+    assert held["kind"] == "diffusion"
 
 
 def test_tokenize_rerun_is_exactly_once(demo_run):
