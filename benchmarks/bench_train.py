@@ -8,7 +8,9 @@
    same initial weights. Rounds alternate, so machine noise hits both; the per-step medians are compared. Goal ≤ 1.1×.
 2. Loader: samples/s of ``TokenLoader`` alone vs the samples/s the training step consumes. Goal: ≥ 20×.
 3. DeepSpeed's own ZeRO-3 estimator for the 12 B prior on 8 and 64 GPUs (per-GPU model-state memory).
-4. On a GPU (only when one is present): the 1.3 B prior, seq 1,280, bf16, one device: tokens/s, MFU, peak memory.
+4. The diffusion prior (DALL-E 2) the same way: engine + loader + EMA vs a bare loop with the same EMA. Goal ≤ 1.1×.
+5. On a GPU (only when one is present): the 1.3 B prior, seq 1,280, bf16, one device: tokens/s, MFU, peak memory;
+   and a 1.3 B diffusion prior's samples/s and MFU.
 
 Writes benchmarks/results/train.json and prints it as the last line.
 """
@@ -34,18 +36,20 @@ from _results import write_result  # benchmarks/ is sys.path[0] when run as a sc
 
 from pipeline import ds_seam, prior_metrics, tokenize  # noqa: E402
 from pipeline.config import PRIOR_SIZES, PriorConfig  # noqa: E402
+from pipeline.diffusion_prior import EMA, DiffusionPrior, DiffusionShape  # noqa: E402
 from pipeline.prior import DalleTransformer, PriorShape  # noqa: E402
 from pipeline.prior_data import TokenLoader, make_plan  # noqa: E402
-from pipeline.prior_objectives import ARObjective  # noqa: E402
+from pipeline.prior_objectives import ARObjective, DiffusionObjective  # noqa: E402
 
 
-def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab: int, shards: int = 4) -> None:
+def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab: int, shards: int = 4,
+                 embed_dim: int = 512) -> None:
     rng = np.random.default_rng(0)
-    meta = {"grid": grid, "embed_dim": 8, "dvae": {"vocab_size": image_vocab}, "clip": {"model": "bench"},
+    meta = {"grid": grid, "embed_dim": embed_dim, "dvae": {"vocab_size": image_vocab}, "clip": {"model": "bench"},
             "tokenizer": {"vocab_size": text_vocab}, "preprocess": {}, "schema_version": "1"}
     per = rows // shards
     for s in range(shards):
-        emb = rng.standard_normal((per, 8)).astype(np.float32)
+        emb = rng.standard_normal((per, embed_dim)).astype(np.float32)
         tokenize.write_token_shard(folder, s, {
             "key": [f"{s:05d}{i:05d}" for i in range(per)], "url": [""] * per, "caption": [""] * per,
             "sha256": [""] * per, "width": [256] * per, "height": [256] * per,
@@ -124,6 +128,82 @@ def overhead(shape: PriorShape, cfg: PriorConfig, plan, args, ds: dict) -> dict:
     return {"ours_step_s": ours_med, "bare_step_s": bare_med, "ratio": ours_med / bare_med,
             "ours_rounds_s": ours_s, "bare_rounds_s": bare_s, "zero_stage": ds["zero_optimization"]["stage"],
             "train_samples_per_s": cfg.micro_batch_size / ours_med}
+
+
+def diffusion_overhead(cfg: PriorConfig, plan, args, text_vocab: int) -> dict:
+    """The diffusion prior through the same engine and loader (with EMA) vs a bare loop with the same EMA."""
+    shape = DiffusionShape(text_vocab, cfg.text_len, int(plan.meta["embed_dim"]), cfg.n_layer, cfg.n_head, cfg.n_embd)
+    torch.manual_seed(0)
+    ours_model, bare_model = DiffusionPrior(shape), DiffusionPrior(shape)
+    bare_model.load_state_dict(ours_model.state_dict())
+    dcfg = PriorConfig(**{**cfg.__dict__, "kind": "diffusion", "size": ""})
+    engine = ds_seam.initialize(DiffusionObjective(ours_model, dcfg.caption_dropout), ds_seam.build_ds_config(dcfg, 1,
+                                                                                                               False))
+    ours_ema, bare_ema = EMA(ours_model, dcfg.ema_decay), EMA(bare_model, dcfg.ema_decay)
+    loader = TokenLoader(plan, rank=0, world=1, micro_batch=cfg.micro_batch_size, text_len=cfg.text_len, seed=0,
+                         shuffle_buffer=cfg.shuffle_buffer, embeddings=True, heldout_percent=dcfg.heldout_percent)
+    batches, fixed = loader.batches(0), next(loader.batches(0))
+    opt = torch.optim.AdamW(bare_model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+
+    def ours() -> None:
+        b = next(batches)
+        loss = engine(b.text, b.image, b.text_emb, b.image_emb, b.valid, generator=gen)
+        engine.backward(loss)
+        engine.step()
+        ours_ema.update(ours_model)
+        float(loss)
+
+    def bare() -> None:
+        loss, _ = bare_model.loss_parts(fixed.text, fixed.text_emb, fixed.image_emb, valid=fixed.valid,
+                                        cond_drop=dcfg.caption_dropout, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.gradient_clipping)
+        opt.step()
+        bare_ema.update(bare_model)
+
+    ours(), bare()
+    ours_s, bare_s = [], []
+    for _ in range(args.rounds):
+        ours_s.append(timed_steps(ours, args.steps * 4))  # a diffusion step is ~10x cheaper: time more of them
+        bare_s.append(timed_steps(bare, args.steps * 4))
+    loader.close()
+    o, b = statistics.median(ours_s), statistics.median(bare_s)
+    return {"ours_step_s": o, "bare_step_s": b, "ratio": o / b, "ours_rounds_s": ours_s, "bare_rounds_s": bare_s,
+            "params": sum(p.numel() for p in bare_model.parameters()), "seq_len": shape.seq_len,
+            "embed_dim": shape.embed_dim, "train_samples_per_s": cfg.micro_batch_size / o}
+
+
+def gpu_diffusion_run(steps: int = 20, micro: int = 64) -> dict:
+    """A >= 1 B diffusion prior (1.3b size, ViT-L/14's 768-d embeddings, 77 caption tokens), bf16, one GPU."""
+    n_layer, n_head, n_embd = PRIOR_SIZES["1.3b"]
+    shape = DiffusionShape(49408, 77, 768, n_layer, n_head, n_embd)
+    cfg = PriorConfig(kind="diffusion", size="1.3b", micro_batch_size=micro, precision="bf16", steps=steps + 5,
+                      warmup_steps=1, num_procs=1, text_len=77)
+    engine = ds_seam.initialize(DiffusionObjective(DiffusionPrior(shape), 0.1), ds_seam.build_ds_config(cfg, 1, True))
+    dev = engine.device
+    text = torch.randint(0, 49408, (micro, 77), device=dev)
+    emb = torch.randn(micro, 768, device=dev)
+    valid = torch.ones(micro, dtype=torch.bool, device=dev)
+
+    def step() -> None:
+        loss = engine(text, None, emb, emb, valid, generator=torch.Generator().manual_seed(0))
+        engine.backward(loss)
+        engine.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    rate = steps * micro / (time.perf_counter() - t0)
+    peak = prior_metrics.device_peak_tflops()
+    return {"params": sum(p.numel() for p in engine.module.parameters()), "samples_per_s": rate,
+            "mfu": prior_metrics.mfu(rate, prior_metrics.flops_for(shape), 1, peak), **prior_metrics.memory_stats()}
 
 
 def loader_rate(plan, shape: PriorShape, cfg: PriorConfig, batches: int) -> float:
@@ -213,6 +293,7 @@ def main() -> None:
         engine = overhead(shape, cfg, plan, args, ds)
         forced = overhead(shape, cfg, plan, args, ds_seam.merge(ds, {"zero_optimization": {"stage": 2}}))
         load = loader_rate(plan, shape, cfg, batches=400)
+        diffusion = diffusion_overhead(cfg, plan, args, 49408)
     result = {
         "headline": {"name": "engine step time / bare PyTorch step time (CPU, same model and optimizer)",
                      "value": round(engine["ratio"], 3), "goal": 1.1, "higher_is_better": False},
@@ -220,10 +301,14 @@ def main() -> None:
             "train_samples_per_s"], 1), "goal": 20, "higher_is_better": True, "loader_samples_per_s": load},
         "engine": engine,
         "engine_zero2_forced_on_one_rank": forced,
+        "diffusion": {"name": "diffusion prior: engine step time / bare PyTorch step time (CPU, same model, optimizer "
+                      "and EMA)", "value": round(diffusion["ratio"], 3), "goal": 1.1, "higher_is_better": False,
+                      **diffusion},
         "model": {"n_layer": args.layers, "n_embd": args.embd, "seq_len": shape.seq_len, "micro_batch": args.micro,
                   "params": sum(p.numel() for p in DalleTransformer(shape).parameters())},
         "zero3_12b_estimate": zero3_estimates(),
         "gpu_1_3b": gpu_run() if torch.cuda.is_available() else None,
+        "gpu_diffusion_1_3b": gpu_diffusion_run() if torch.cuda.is_available() else None,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     "threads": torch.get_num_threads()},
