@@ -164,6 +164,10 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One rank: DeepSpeed would still flatten, all-reduce and copy back every gradient each step, a pure cost
+        # (1.4x a bare loop's step for the small diffusion prior on CPU, benchmarks/bench_train.py).
+        engine.enable_backward_allreduce = False
     return engine
 
 
