@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup browser demo test lint bench lock clean
 
 setup: $(STAMP)
 
@@ -22,10 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# The report test renders report.html in a real headless chromium (Debian's package; a no-op when present).
+browser:
+	@.ci/install-chromium.sh
+
 demo: setup
 	$(BIN)/python -m pipeline demo --config configs/demo.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check pipeline jobs tests benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 

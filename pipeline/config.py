@@ -253,13 +253,20 @@ class SampleConfig:
     """Captions → images: KV-cached sampling, dVAE decode, CLIP rerank."""
 
     captions: list[str] = field(default_factory=list)
-    """Captions to draw; empty means the run's held-out captions."""
+    """Captions to draw (an entry naming an existing file adds its lines); empty means the run's held-out captions."""
     num_captions: int = 24
     candidates: int = 8
     """Samples drawn per caption; CLIP keeps the best."""
     temperature: float = 1.0
     top_k: int = 0
     """0 disables top-k filtering."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1 disables it."""
+    keep: int = 1
+    """Candidates kept per caption after the CLIP rerank (best first)."""
+    checkpoint: str = ""
+    """Prior weights: a model.pt, or a DeepSpeed checkpoint folder (<prior>/step00000600, any ZeRO stage and world
+    size); empty means <prior>/model.pt."""
     guidance_scale: float = 1.0
     """Classifier-free guidance: logits = uncond + scale × (cond − uncond); 1 is plain conditional sampling (needs a
     prior trained with prior.caption_dropout > 0 to mean anything above 1)."""
@@ -278,6 +285,8 @@ class SampleConfig:
         _check(self.temperature > 0, "sample.temperature", "must be > 0")
         _check(self.top_k >= 0, "sample.top_k", "must be >= 0")
         _check(self.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
+        _check(0 < self.keep <= self.candidates, "sample.keep", "must be in [1, sample.candidates]")
         _check(self.diffusion_sampler in ("ddim", "ddpm"), "sample.diffusion_sampler", "must be ddim or ddpm")
         _check(self.diffusion_steps > 0 and self.diffusion_candidates > 0, "sample.diffusion_steps",
                "diffusion_steps and diffusion_candidates must be > 0")

@@ -116,5 +116,9 @@ def write_report(cfg: Config, summaries: dict[str, dict[str, Any]], results: lis
         shutil.copy(diffusion / "eval" / "retrieval.png", out / "diffusion_retrieval.png")
         figures["Diffusion prior: nearest dataset images to the predicted CLIP image embedding (held-out captions, "
                 "true image outlined)"] = "diffusion_retrieval.png"
-    return report.write_markdown(str(out), summaries, summaries["sample"], figures,
-                                 json.loads(diffusion_eval.read_text()) if diffusion_eval.exists() else None)
+    md = report.write_markdown(str(out), summaries, summaries["sample"], figures,
+                               json.loads(diffusion_eval.read_text()) if diffusion_eval.exists() else None)
+    from pipeline.report_html import write_html
+
+    write_html(str(out))  # report.html: the same report with every image inlined, one file to share
+    return md

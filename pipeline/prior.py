@@ -230,18 +230,20 @@ class DalleTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, text: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+                 generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+                 top_p: float = 1.0) -> torch.Tensor:
         """Sample image codes (B, N) for padded text (B, T), one position at a time with a KV cache.
 
         ``guidance_scale`` s != 1: classifier-free guidance, sampling from uncond + s · (cond − uncond), with the
-        unconditional (empty caption) rows run in the same batch.
+        unconditional (empty caption) rows run in the same batch. ``top_k`` / ``top_p`` (nucleus) filter the guided
+        logits after the temperature (see ``_sample``).
         """
         B, N = text.shape[0], self.shape.image_len
         h, cache = self._run(self._embed_text(self._with_uncond(text, guidance_scale)))
         logits = self.image_head(h[:, -1])
         out = torch.empty(B, N, dtype=torch.long, device=text.device)
         for j in range(N):
-            out[:, j] = _sample(_guide(logits, B, guidance_scale), temperature, top_k, generator)
+            out[:, j] = _sample(_guide(logits, B, guidance_scale), temperature, top_k, generator, top_p)
             if j == N - 1:
                 break
             step = out[:, j: j + 1].repeat(len(logits) // B, 1)  # both halves take the sampled token
@@ -251,7 +253,8 @@ class DalleTransformer(nn.Module):
 
     @torch.no_grad()
     def generate_uncached(self, text: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                          generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+                          generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+                          top_p: float = 1.0) -> torch.Tensor:
         """Reference sampler that recomputes the whole prefix each step (for tests and benchmarks)."""
         B, N = text.shape[0], self.shape.image_len
         full = self._with_uncond(text, guidance_scale)
@@ -259,7 +262,7 @@ class DalleTransformer(nn.Module):
         for j in range(N):
             image_logits, _ = self(full, out[:, : j + 1], with_text=False)  # out[:, j]: placeholder, dropped
             out[:, j] = _sample(_guide(image_logits[:, j], B, guidance_scale), temperature, top_k,
-                                generator).repeat(len(full) // B)
+                                generator, top_p).repeat(len(full) // B)
         return out[:B]
 
 
@@ -271,11 +274,27 @@ def _guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None,
+            top_p: float = 1.0) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V): temperature, then top-k, then top-p (nucleus), then a multinomial draw.
+
+    Top-p keeps the smallest set of most probable tokens whose probability (after temperature and top-k) reaches
+    ``top_p``, and always the most probable one; ties are broken by token id, so the draw depends on the generator
+    alone. ``top_p`` = 1 turns it off.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ranked, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = F.softmax(ranked, dim=-1)
+        # Drop a token once the more probable ones before it already reach top_p; the first is never dropped.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 

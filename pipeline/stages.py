@@ -160,28 +160,61 @@ def heldout_captions(cfg: Config) -> list[str]:
     return json.loads(path.read_text())["heldout_captions"]
 
 
+def sample_captions(cfg: Config) -> list[str]:
+    """``sample.captions`` (entries naming a file add its lines), else the run's held-out captions."""
+    from pipeline import sample as sample_lib
+
+    return sample_lib.resolve_captions(cfg.sample.captions, lambda: heldout_captions(cfg), cfg.sample.num_captions)
+
+
+def load_sampler_prior(cfg: Config):
+    """(prior, tokens_meta, source model.pt) for ``sample.checkpoint``; see ``pipeline.sample.load_sampler_prior``."""
+    from pipeline import sample as sample_lib
+
+    return sample_lib.load_sampler_prior(cfg)
+
+
+def _sampler_dvae_path(cfg: Config, meta: dict[str, Any]) -> str:
+    """The dVAE the prior's tokens came from (tokens_meta), else the run's own."""
+    recorded = (meta.get("dvae") or {}).get("path")
+    if recorded and os.path.isfile(recorded):
+        return recorded
+    return os.path.join(cfg.path("dvae"), "dvae.pt")
+
+
 def sample(cfg: Config) -> tuple[dict[str, Any], list]:
-    """Draw images for ``sample.captions`` (default: the held-out captions); write the sample grid."""
+    """Draw images for ``sample.captions`` (default: the held-out captions) with the prior of ``sample.checkpoint``;
+    write the combined grid samples.png, per-caption grids and PNGs under samples/, and samples.parquet/json."""
     import torch
 
     from pipeline import clip as clip_lib
     from pipeline import report
     from pipeline import sample as sample_lib
     from pipeline.dvae import load_dvae
-    from pipeline.train_prior import load_prior
 
     t0 = time.time()
-    captions = cfg.sample.captions or heldout_captions(cfg)[: cfg.sample.num_captions]
-    prior, meta = load_prior(os.path.join(cfg.path("prior"), "model.pt"))
-    dvae = load_dvae(meta["dvae"]["path"])
-    bundle = clip_lib.load_clip(meta["clip"]["arch"], meta["clip"]["pretrained"])
-    torch.manual_seed(cfg.sample.seed)
-    results, stats = sample_lib.draw(prior, dvae, bundle, captions, cfg.sample.candidates, cfg.sample.temperature,
-                                     cfg.sample.top_k, cfg.sample.seed,
-                                     guidance_scale=cfg.sample.guidance_scale)
+    sc = cfg.sample
+    captions = sample_captions(cfg)
+    prior, meta, source = load_sampler_prior(cfg)
+    dvae = load_dvae(_sampler_dvae_path(cfg, meta))
+    clip_meta = meta.get("clip") or {}
+    if clip_meta.get("arch"):
+        bundle = clip_lib.load_clip(clip_meta["arch"], clip_meta.get("pretrained") or "")
+    else:
+        bundle = clip_lib.load_clip(clip_arch(cfg), cfg.clip.pretrained)
+    image_size = int((meta.get("preprocess") or {}).get("image_size") or cfg.download.image_size)
+    sample_lib.check_models(prior, source, dvae, getattr(bundle.tokenizer, "tokenizer", bundle.tokenizer),
+                            image_size)
+    torch.manual_seed(sc.seed)
+    results, stats = sample_lib.draw(prior, dvae, bundle, captions, sc.candidates, sc.temperature, sc.top_k,
+                                     sc.seed, guidance_scale=sc.guidance_scale, top_p=sc.top_p, keep=sc.keep)
+    stats["checkpoint"] = source
     out = Path(cfg.path("report"))
     out.mkdir(parents=True, exist_ok=True)
     report.sample_grid(results, str(out / "samples.png"))
+    settings = {"seed": sc.seed, "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p,
+                "guidance_scale": sc.guidance_scale, "checkpoint": source}
+    stats.update(sample_lib.write_samples(results, str(out), settings))
     try:
         stats.update(sample_lib.faithfulness(results))
     except ValueError as exc:  # captions from outside the embedded dataset cannot be scored from pixels

@@ -73,6 +73,17 @@ def test_report_has_pictures_and_figures(demo_run):
     assert 0.0 <= scores["match"] <= 1.0 and scores["scored"] == 4
 
 
+def test_html_report_renders_in_headless_chromium_with_every_image(demo_run, tmp_path):
+    from pipeline.report_html import render_check
+
+    run, _ = demo_run
+    html = run / "report" / "report.html"
+    assert 'src="http' not in html.read_text() and "missing image" not in html.read_text()
+    seen = render_check(str(html), str(tmp_path / "report.png"))
+    assert seen["images"] >= 4 and seen["loaded"] == seen["images"] and not seen["broken"], seen
+    assert seen["screenshot_bytes"] > 10_000
+
+
 def test_diffusion_prior_beats_the_text_embedding_baseline_on_heldout_rows(demo_run):
     """DALL-E 2's prior, trained by the demo on the same tokens with the demo's CLIP, on rows it never saw."""
     run, _ = demo_run

@@ -147,6 +147,10 @@ def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
     exported, _ = load_prior(export_weights(str(out)))  # offline, from the sharded checkpoint on disk
     for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
+    from pipeline.prior import pad_text  # sampling on one process from what two ZeRO-3 ranks saved
+
+    codes = exported.generate(pad_text([[1, 20]], 4, TEXT_VOCAB), top_k=4, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (1, GRID * GRID) and int(codes.max()) < IMAGE_VOCAB
 
 
 @pytest.mark.slow
