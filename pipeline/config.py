@@ -264,6 +264,8 @@ class SampleConfig:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1 disables it."""
     keep: int = 1
     """Candidates kept per caption after the CLIP rerank (best first)."""
+    num_workers: int = 1
+    """Ray actors the captions are spread over (a GPU each when the cluster has them); 1 draws in this process."""
     checkpoint: str = ""
     """Prior weights: a model.pt, or a DeepSpeed checkpoint folder (<prior>/step00000600, any ZeRO stage and world
     size); empty means <prior>/model.pt."""
@@ -286,6 +288,7 @@ class SampleConfig:
         _check(self.top_k >= 0, "sample.top_k", "must be >= 0")
         _check(self.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
         _check(0.0 < self.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
+        _check(self.num_workers > 0, "sample.num_workers", "must be > 0")
         _check(0 < self.keep <= self.candidates, "sample.keep", "must be in [1, sample.candidates]")
         _check(self.diffusion_sampler in ("ddim", "ddpm"), "sample.diffusion_sampler", "must be ddim or ddpm")
         _check(self.diffusion_steps > 0 and self.diffusion_candidates > 0, "sample.diffusion_steps",

@@ -229,25 +229,31 @@ def _empty_rows(metadata: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every local path absolute: Ray Train workers (and tasks under a job's working_dir) run in their
+    own folders."""
+    import dataclasses
+
+    def fix(v: str) -> str:
+        return os.path.abspath(v) if v and "://" not in v else v
+
+    rep = dataclasses.replace
+    return rep(cfg, run_dir=fix(cfg.run_dir), download=rep(cfg.download, output=fix(cfg.download.output)),
+               dvae=rep(cfg.dvae, output=fix(cfg.dvae.output)), clip=rep(cfg.clip, output=fix(cfg.clip.output)),
+               tokenize=rep(cfg.tokenize, output=fix(cfg.tokenize.output)),
+               prior=rep(cfg.prior, output=fix(cfg.prior.output)),
+               sample=rep(cfg.sample, output=fix(cfg.sample.output), checkpoint=fix(cfg.sample.checkpoint)))
+
+
 def run_train_prior(cfg: Config) -> None:
     """The prior on Ray Train: a ``TorchTrainer`` of ``prior.num_procs`` workers (GPUs when the cluster has them)
     running ``pipeline.train_prior.train`` on each rank with the same DeepSpeed engine as the deepspeed launcher."""
-    import dataclasses
-
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.prior.num_procs
-    # Ray Train runs workers in their own folders: every path the ranks use must be absolute.
-    run_dir = os.path.abspath(cfg.run_dir)
-    absolute = {k: os.path.abspath(v) if v and "://" not in v else v
-                for k, v in {"images": cfg.download.output, "tokens": cfg.tokenize.output,
-                             "prior": cfg.prior.output}.items()}
-    job_cfg = dataclasses.replace(
-        cfg, run_dir=run_dir,
-        download=dataclasses.replace(cfg.download, output=absolute["images"]),
-        tokenize=dataclasses.replace(cfg.tokenize, output=absolute["tokens"]),
-        prior=dataclasses.replace(cfg.prior, output=absolute["prior"]))
+    job_cfg = absolute_paths(cfg)
+    run_dir = job_cfg.run_dir
 
     def loop(_: dict[str, Any]) -> None:
         import torch
@@ -264,6 +270,32 @@ def run_train_prior(cfg: Config) -> None:
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                            run_config=RunConfig(name="train-prior", storage_path=os.path.join(run_dir, "ray_train")))
     trainer.fit()
+
+
+def run_sample(cfg: Config, captions: list[str]) -> tuple[list, dict[str, Any]]:
+    """Captions split over ``sample.num_workers`` Ray actors (one GPU each when the cluster has enough), each loading
+    the models once and drawing its share with seed ``sample.seed + share index``; results come back in caption
+    order, with the rerank figures recomputed over all of them."""
+    from pipeline import sample as sample_lib
+    from pipeline.stages import draw_captions
+
+    n = max(1, min(cfg.sample.num_workers, len(captions)))
+    cfg = absolute_paths(cfg)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
+    bounds = np.linspace(0, len(captions), n + 1).astype(int)
+
+    @ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus)
+    def share(i: int) -> tuple[list, dict[str, Any]]:
+        return draw_captions(cfg, captions[bounds[i]:bounds[i + 1]], cfg.sample.seed + i)
+
+    parts = ray.get([share.options(**_passthrough_env()).remote(i) for i in range(n)])
+    results = [r for part, _ in parts for r in part]
+    stats: dict[str, Any] = {"workers": n, "gpus_per_worker": gpus, "checkpoint": parts[0][1]["checkpoint"]}
+    for key in ("captions", "samples", "empty_captions", "truncated_captions"):
+        stats[key] = sum(int(p[1].get(key, 0)) for p in parts)
+    stats["generate_s"] = max(float(p[1].get("generate_s", 0.0)) for p in parts)  # the shares run side by side
+    stats.update(sample_lib.rerank_stats(results))
+    return results, stats
 
 
 def shutdown() -> None:

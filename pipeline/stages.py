@@ -182,19 +182,16 @@ def _sampler_dvae_path(cfg: Config, meta: dict[str, Any]) -> str:
     return os.path.join(cfg.path("dvae"), "dvae.pt")
 
 
-def sample(cfg: Config) -> tuple[dict[str, Any], list]:
-    """Draw images for ``sample.captions`` (default: the held-out captions) with the prior of ``sample.checkpoint``;
-    write the combined grid samples.png, per-caption grids and PNGs under samples/, and samples.parquet/json."""
+def draw_captions(cfg: Config, captions: list[str], seed: int) -> tuple[list, dict[str, Any]]:
+    """Load the prior (``sample.checkpoint``), dVAE and CLIP, check they agree, and draw ``captions``: the work one
+    process (or one Ray actor of ``sample.num_workers``) does."""
     import torch
 
     from pipeline import clip as clip_lib
-    from pipeline import report
     from pipeline import sample as sample_lib
     from pipeline.dvae import load_dvae
 
-    t0 = time.time()
     sc = cfg.sample
-    captions = sample_captions(cfg)
     prior, meta, source = load_sampler_prior(cfg)
     dvae = load_dvae(_sampler_dvae_path(cfg, meta))
     clip_meta = meta.get("clip") or {}
@@ -205,15 +202,37 @@ def sample(cfg: Config) -> tuple[dict[str, Any], list]:
     image_size = int((meta.get("preprocess") or {}).get("image_size") or cfg.download.image_size)
     sample_lib.check_models(prior, source, dvae, getattr(bundle.tokenizer, "tokenizer", bundle.tokenizer),
                             image_size)
-    torch.manual_seed(sc.seed)
+    if torch.cuda.is_available():  # a GPU actor: sample there
+        prior, dvae = prior.cuda(), dvae.cuda()
+    torch.manual_seed(seed)
     results, stats = sample_lib.draw(prior, dvae, bundle, captions, sc.candidates, sc.temperature, sc.top_k,
-                                     sc.seed, guidance_scale=sc.guidance_scale, top_p=sc.top_p, keep=sc.keep)
+                                     seed, guidance_scale=sc.guidance_scale, top_p=sc.top_p, keep=sc.keep)
     stats["checkpoint"] = source
+    return results, stats
+
+
+def sample(cfg: Config) -> tuple[dict[str, Any], list]:
+    """Draw images for ``sample.captions`` (default: the held-out captions) with the prior of ``sample.checkpoint``,
+    in this process or spread over ``sample.num_workers`` Ray actors; write the combined grid samples.png,
+    per-caption grids and PNGs under samples/, and samples.parquet/json."""
+    from pipeline import report
+    from pipeline import sample as sample_lib
+
+    t0 = time.time()
+    sc = cfg.sample
+    captions = sample_captions(cfg)
+    if sc.num_workers > 1:
+        from pipeline import ray_seam
+
+        ray_seam.init_ray(cfg)
+        results, stats = ray_seam.run_sample(cfg, captions)
+    else:
+        results, stats = draw_captions(cfg, captions, sc.seed)
     out = Path(cfg.path("report"))
     out.mkdir(parents=True, exist_ok=True)
     report.sample_grid(results, str(out / "samples.png"))
     settings = {"seed": sc.seed, "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p,
-                "guidance_scale": sc.guidance_scale, "checkpoint": source}
+                "guidance_scale": sc.guidance_scale, "checkpoint": stats["checkpoint"]}
     stats.update(sample_lib.write_samples(results, str(out), settings))
     try:
         stats.update(sample_lib.faithfulness(results))

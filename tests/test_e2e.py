@@ -124,3 +124,20 @@ def test_prior_trains_through_ray_train_too(demo_run):
     assert summary["launcher"] == "ray" and summary["ranks"] == 2
     assert summary["final_loss"] < summary["first_loss"] * 0.9
     assert (run / "prior_ray" / "model.pt").exists() and (run / "prior_ray" / "latest_complete").exists()
+
+
+def test_sampling_spread_over_ray_actors(demo_run):
+    """jobs/sample.py on a Ray cluster: captions split over sample.num_workers actors, records for every candidate."""
+    import pyarrow.parquet as pq
+
+    run, _ = demo_run
+    out = run / "report_ray"
+    proc = subprocess.run([sys.executable, "jobs/sample.py", "--config", "configs/tiny.yaml", f"run_dir={run}",
+                           "sample.num_workers=2", f"sample.output={out}", "sample.keep=2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+    assert summary["workers"] == 2 and summary["captions"] == 4 and summary["rerank_gain"] >= 0
+    rows = pq.read_table(out / "samples.parquet").to_pylist()
+    assert len(rows) == 4 * 2 and sum(r["kept"] for r in rows) == 4 * 2
+    assert all((out / r["image_path"]).exists() for r in rows)
