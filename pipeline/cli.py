@@ -65,7 +65,7 @@ def _export(cfg: Config) -> dict[str, Any]:
 def _eval_prior(cfg: Config) -> dict[str, Any]:
     from pipeline.eval_prior import eval_prior
 
-    return eval_prior(cfg)
+    return eval_prior(cfg, limit=cfg.prior.eval_rows)
 
 
 def _export_prior(cfg: Config) -> dict[str, Any]:

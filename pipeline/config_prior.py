@@ -45,9 +45,8 @@ class PriorConfig:
     """EMA of the diffusion prior's weights, saved with checkpoints and exported for sampling; 0 turns it off."""
     heldout_percent: float = 5.0
     """Diffusion: rows (chosen by key hash) never trained on, for the held-out evaluation."""
-    eval_every: int = 0
-    """Diffusion: held-out cosine logged every N steps (0: only at the end)."""
     eval_rows: int = 256
+    """Diffusion: held-out rows `eval-prior` scores (the first by key)."""
     steps: int = 600
     micro_batch_size: int = 32
     gradient_accumulation_steps: int = 1
@@ -117,7 +116,7 @@ class PriorConfig:
         _check(self.timesteps > 1, "prior.timesteps", "must be > 1")
         _check(0.0 <= self.ema_decay < 1.0, "prior.ema_decay", "must be in [0, 1)")
         _check(0.0 <= self.heldout_percent < 100.0, "prior.heldout_percent", "must be in [0, 100)")
-        _check(self.eval_every >= 0 and self.eval_rows > 0, "prior.eval_every", "eval_every >= 0, eval_rows > 0")
+        _check(self.eval_rows > 0, "prior.eval_rows", "must be > 0")
         _check(self.launcher in ("deepspeed", "ray"), "prior.launcher", "must be deepspeed or ray")
         _check(self.resume in ("auto", "require", "never"), "prior.resume", "must be auto, require or never")
         self._check_offload()

@@ -141,7 +141,7 @@ def eval_prior(cfg: Config) -> dict[str, Any]:
     from pipeline.eval_prior import eval_prior as run
 
     t0 = time.time()
-    result = run(cfg)
+    result = run(cfg, limit=cfg.prior.eval_rows)
     return _stamp({k: v for k, v in result.items() if k.startswith(("cos_", "recall", "text_recall", "uncond_recall"))
                    or k in ("beats_text_baseline", "evaluated", "index_rows", "chance_recall_at_k")}, t0)
 
