@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "eval-dvae": "dVAE on held-out images: reconstruction MSE/PSNR, codebook perplexity and dead codes, a PNG",
     "eval-prior": "diffusion prior, held-out rows: cosine to the true image embedding vs text baseline, retrieval grid",
     "sample": "captions → images: KV-cached sampling, dVAE decode, CLIP rerank; writes a sample grid",
+    "plan": "capacity plan: storage, hours and GPU memory per stage for --samples on --gpus (measured vs assumed)",
     "demo": "every stage on the embedded default dataset served over loopback HTTP, then a report",
 }
 
@@ -83,6 +84,10 @@ def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> a
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config keys")
+        if name == "plan":
+            p.add_argument("--samples", type=float, default=250e6, help="image-caption pairs (default 250M)")
+            p.add_argument("--gpus", type=int, default=1024, help="GPUs for tokenize and training")
+            p.add_argument("--gpu-mem-gb", type=float, default=80.0)
         if name == "download":
             p.add_argument("--retry-failed", action="store_true",
                            help="re-fetch only the rows that failed transiently, into new shards")
@@ -105,6 +110,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int
     from pipeline.ds_seam import CheckpointError
     from pipeline.prior_data import DataError
 
+    if args.stage == "plan":  # pure arithmetic on the config: no stage runs
+        from pipeline.plan import format_plan, plan
+
+        print(format_plan(plan(cfg, int(args.samples), args.gpus, gpu_mem_gb=args.gpu_mem_gb)))
+        return 0
     try:
         result = _run(args.stage, cfg)
     except (InputError, RunMismatchError, CheckpointError, DataError) as exc:  # bad input: a message, no traceback

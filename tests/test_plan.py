@@ -1,0 +1,81 @@
+import pytest
+
+from pipeline import plan as planmod
+from pipeline.config import load_config
+
+
+@pytest.fixture(scope="module")
+def small_cfg():
+    return load_config(None, ["prior.size=350m", "download.image_size=256", "prior.text_len=64"])
+
+
+@pytest.fixture(scope="module")
+def small_plan(small_cfg):
+    return planmod.plan(small_cfg, samples=1_000_000, gpus=16)
+
+
+@pytest.fixture(scope="module")
+def example():
+    return planmod.worked_example()
+
+
+def test_zero3_matches_deepspeed(small_plan):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    total = small_plan["model"]["params"]["value"]
+    largest = small_plan["model"]["largest_layer_params"]["value"]
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, 8, 2, cpu_offload=False,
+                                                      cpu_offload_params=False)
+    assert small_plan["memory"]["zero3_gpu_bytes"]["value"] == gpu
+    assert small_plan["memory"]["zero3_gpu_bytes"]["basis"] == "measured"
+
+
+def test_token_bytes_per_row_sane_and_grows_with_grid():
+    small = planmod.token_bytes_per_row(grid=8, text_len=16)
+    full = planmod.token_bytes_per_row(grid=32, text_len=16)
+    assert 2 * 768 * 2 * 0.5 < small < full  # at least the (poorly compressible) fp16 embeddings
+    assert 3000 < full < 10000               # 1024 uint16 tokens + 2×768 fp16 + strings, zstd
+
+
+def test_12b_params():
+    cfg = load_config(None, ["prior.size=12b", "prior.text_len=256"])
+    total, largest = planmod.prior_params(cfg)
+    assert total == pytest.approx(12.2e9, rel=0.01)
+    assert 0 < largest < total
+
+
+def test_hours_scale_linearly(small_cfg, small_plan):
+    double = planmod.plan(small_cfg, samples=2_000_000, gpus=16)
+    for stage in ("download", "tokenize", "train"):
+        assert double["stages"][stage]["hours"]["value"] == pytest.approx(
+            2 * small_plan["stages"][stage]["hours"]["value"])
+        assert double["stages"][stage]["storage_bytes"]["value"] >= small_plan["stages"][stage]["storage_bytes"][
+            "value"]
+
+
+def test_assumed_defaults_without_results(small_cfg, tmp_path):
+    p = planmod.plan(small_cfg, samples=1000, gpus=8, results_dir=tmp_path)
+    assert all(v["basis"] == "assumed" for v in p["rates"].values())
+    given = planmod.plan(small_cfg, samples=1000, gpus=8, results_dir=tmp_path, rates={"mfu": 0.5})
+    assert given["rates"]["mfu"]["basis"] == "given"
+    assert given["stages"]["train"]["hours"]["value"] == pytest.approx(
+        p["stages"]["train"]["hours"]["value"] * 0.45 / 0.5)
+
+
+def test_format_mentions_basis(small_plan):
+    text = planmod.format_plan(small_plan)
+    assert "measured" in text and "assumed" in text
+    for stage in ("download", "tokenize", "train"):
+        assert stage in text
+
+
+def test_worked_example(example):
+    assert example["samples"] == 250_000_000 and example["gpus"] == 1024 and example["gpu_mem_gb"] == 80.0
+    assert example["model"]["params"]["value"] == pytest.approx(12.2e9, rel=0.01)
+    assert example["example"]["basis"] == "assumed"
+    for stage in ("download", "tokenize", "train"):
+        for key in ("storage_bytes", "hours", "gpus"):
+            assert example["stages"][stage][key]["basis"] in ("measured", "assumed", "given")
+    assert example["memory"]["fits"] is True
+    assert example["stages"]["train"]["storage_bytes"]["value"] == 16 * example["model"]["params"]["value"]
+    assert "Worked example" in planmod.format_plan(example)
