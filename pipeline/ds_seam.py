@@ -149,8 +149,21 @@ def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_pr
             if line.startswith(echo_prefix):
                 print(line.rstrip(), file=sys.stderr, flush=True)
         code = proc.wait()
+    _remove_shm_buffers(port)
     if code != 0:
         raise RuntimeError(f"deepspeed launcher exited {code}; log: {log_path}\n" + "\n".join(tail))
+
+
+def _remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves a ~70 MB shared-memory buffer per rank in /dev/shm named by the master
+    port, and never removes it (nor can a killed rank): without this, every run leaks RAM until /dev/shm is full."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def init_distributed() -> None:

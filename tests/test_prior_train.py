@@ -68,7 +68,10 @@ def launch(cfg: Path, fault: str = "", entry: str = "stage") -> subprocess.Compl
         env["DS_ACCELERATOR"] = "cpu"
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29731",
                "jobs/train_prior.py", "--config", str(cfg)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        ds_seam._remove_shm_buffers(29731)  # the launcher run by hand here: free DeepSpeed's /dev/shm buffers too
 
 
 def losses(out: Path) -> dict[int, float]:
