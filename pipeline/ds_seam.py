@@ -314,3 +314,26 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] 
     else:
         state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     return state if engine.global_rank == 0 else None
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """Context in which ZeRO-3-partitioned ``params`` are whole on every rank (read-only)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def fp32_state_dict_from_checkpoint(folder: str, tag: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own offline consolidation of a ZeRO 1-3 checkpoint's fp32 partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(folder, tag)
+
+
+def zero3_gpu_bytes(total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int) -> int:
+    """DeepSpeed's own ZeRO-3 model-state estimate (GPU bytes per device), no offload."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu_mem, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, gpus_per_node, nodes,
+                                                          cpu_offload=False, cpu_offload_params=False)
+    return int(gpu_mem)

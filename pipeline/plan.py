@@ -62,13 +62,10 @@ def prior_params(cfg) -> tuple[int, int]:
 
 def zero3_gpu_bytes(total_params: int, largest_layer_params: int, gpus: int, gpus_per_node: int) -> int:
     """DeepSpeed's own ZeRO-3 model-state estimate (GPU bytes per device), no offload."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from pipeline import ds_seam
 
     per_node = min(gpus, gpus_per_node)
-    nodes = max(1, math.ceil(gpus / per_node))
-    _, gpu_mem, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, per_node, nodes,
-                                                          cpu_offload=False, cpu_offload_params=False)
-    return int(gpu_mem)
+    return ds_seam.zero3_gpu_bytes(total_params, largest_layer_params, per_node, max(1, math.ceil(gpus / per_node)))
 
 
 def activation_bytes(seq: int, d: int, layers: int, micro_batch: int, checkpointing: bool) -> int:

@@ -95,9 +95,7 @@ def export_weights(out: str, tag: str | None = None) -> str:
         module = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                             weights_only=False)["module"]
     else:  # ZeRO 1-3: DeepSpeed's own offline consolidation of the fp32 partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        module = get_fp32_state_dict_from_zero_checkpoint(out, tag)
+        module = ds_seam.fp32_state_dict_from_checkpoint(out, tag)
     weights = {k.removeprefix("model."): v.float() for k, v in module.items()}
     blob = {"kind": state.get("kind", "ar"), "shape": state["shape"], "state_dict": weights,
             "tokens_meta": state["data_plan"]["meta"], "steps": state["step"]}

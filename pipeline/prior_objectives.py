@@ -94,9 +94,9 @@ def update_ema(ema: EMA | None, engine, zero_stage: int) -> None:
         return
     model = engine.module.model
     if zero_stage == 3:  # parameters are sharded: gather them for the update (costly, but only diffusion-sized)
-        import deepspeed
+        from pipeline import ds_seam
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with ds_seam.gathered(list(model.parameters())):
             ema.update(model)
     else:
         ema.update(model)
