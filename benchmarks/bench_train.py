@@ -176,6 +176,18 @@ def diffusion_overhead(cfg: PriorConfig, plan, args, text_vocab: int) -> dict:
             "embed_dim": shape.embed_dim, "train_samples_per_s": cfg.micro_batch_size / o}
 
 
+def gpu_seconds(step, steps: int, warmup: int = 3) -> float:
+    """Wall seconds of ``steps`` calls of ``step`` on the GPU, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def gpu_diffusion_run(steps: int = 20, micro: int = 64) -> dict:
     """A >= 1 B diffusion prior (1.3b size, ViT-L/14's 768-d embeddings, 77 caption tokens), bf16, one GPU."""
     n_layer, n_head, n_embd = PRIOR_SIZES["1.3b"]
@@ -193,14 +205,7 @@ def gpu_diffusion_run(steps: int = 20, micro: int = 64) -> dict:
         engine.backward(loss)
         engine.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    rate = steps * micro / (time.perf_counter() - t0)
+    rate = steps * micro / gpu_seconds(step, steps)
     peak = prior_metrics.device_peak_tflops()
     return {"params": sum(p.numel() for p in engine.module.parameters()), "samples_per_s": rate,
             "mfu": prior_metrics.mfu(rate, prior_metrics.flops_for(shape), 1, peak), **prior_metrics.memory_stats()}
@@ -255,14 +260,7 @@ def gpu_run(steps: int = 20) -> dict:
         engine.backward(loss)
         engine.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    rate = steps * 8 / (time.perf_counter() - t0)
+    rate = steps * 8 / gpu_seconds(step, steps)
     peak = prior_metrics.device_peak_tflops()
     return {"device": torch.cuda.get_device_name(), "samples_per_s": rate, "tokens_per_s": rate * shape.seq_len,
             "mfu": prior_metrics.mfu(rate, prior_metrics.prior_flops_per_sample(shape), 1, peak),
