@@ -66,6 +66,9 @@ class DownloadConfig:
     """Whole-shard retries after a shard task failed."""
     max_in_flight: int = 4
     """Shard tasks submitted at once (backpressure)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each shard task asks for, e.g. {download: 1} to keep downloads on the nodes that
+    advertise it (cluster/config.yaml's CPU workers, which run the caching DNS resolver). Empty: any CPU."""
     max_bytes: int = 32 * 1024 * 1024
     """Body size cap per URL."""
     max_redirects: int = 5
@@ -104,6 +107,9 @@ class DownloadConfig:
         _check(self.retries >= 0, "download.retries", "must be >= 0")
         _check(self.shard_retries >= 0, "download.shard_retries", "must be >= 0")
         _check(self.max_in_flight > 0, "download.max_in_flight", "must be > 0")
+        for name, amount in self.resources.items():
+            _check(name not in {"CPU", "GPU", "memory"} and amount > 0, f"download.resources.{name}",
+                   "must be a custom resource (not CPU/GPU/memory) with an amount > 0")
         _check(self.deadline > 0, "download.deadline", "must be > 0")
         _check(self.max_bytes > 0, "download.max_bytes", "must be > 0")
         _check(self.max_redirects >= 0, "download.max_redirects", "must be >= 0")
@@ -337,6 +343,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
         return _build(tp, value, key + ".")
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), key, f"expected a list, got {type(value).__name__}")
         (item_tp,) = typing.get_args(tp)

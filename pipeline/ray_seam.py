@@ -58,10 +58,24 @@ def _download_task(dcfg, output: str, plan, attempt: int, registry) -> dict[str,
     return download_shard(dcfg, output, plan, attempt, lambda pairs: ray.get(registry.claim.remote(pairs)))
 
 
-def _passthrough_env() -> dict[str, Any]:
-    """Object-store credentials/endpoints the driver was given, so shard tasks on any worker see the same S3."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_"))}
+# What tasks may learn from the driver's environment about object storage: where it is and where the credentials
+# live, never the credentials themselves. A runtime_env is stored in the GCS, shown on the dashboard and written
+# to Ray's logs; keys reach each node through the standard AWS chain (its env, ~/.aws, the instance profile).
+_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE")
+
+
+def _storage_env() -> dict[str, Any]:
+    """Non-secret object-store settings the driver was given, so tasks on any node reach the same S3."""
+    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _on_driver_node() -> dict[str, Any]:
+    """Pin an actor to the driver's node: it then lives exactly as long as the job (a worker node may go away)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def run_download(cfg: Config) -> dict[str, Any]:
@@ -84,50 +98,104 @@ def run_download(cfg: Config) -> dict[str, Any]:
                                "finish the run first (rerun without retry_failed)")
         plans = download_runs.plan_retry_round(output, plan_dir, dcfg.shard_size, total)
     log.info("download: %d shards to fetch, %d already committed", len(plans), len(done))
-    registry = ShaRegistry.remote()
+    registry = ShaRegistry.options(**_on_driver_node()).remote()
     if dcfg.dedup_images and done:
         ray.get(registry.claim.remote(download_runs.kept_images(output)))
     t0 = time.time()
-    failed, manifests = _run_shards(cfg, output, plans, registry)
+    failed, run = _run_shards(cfg, output, plans, registry)
     seconds = time.time() - t0
-    ok = sum(m["successes"] for m in manifests)
-    run = {"shards": len(manifests), "rows": sum(m["count"] for m in manifests), "successes": ok,
-           "seconds": round(seconds, 3), "images_per_s": round(ok / seconds, 2) if seconds > 0 else 0.0,
-           "bytes_downloaded": sum(m["bytes_downloaded"] for m in manifests), "retry_failed": dcfg.retry_failed}
+    run.update(seconds=round(seconds, 3), images_per_s=round(run["successes"] / seconds, 2) if seconds > 0 else 0.0,
+               retry_failed=dcfg.retry_failed)
     return download_runs.summarize(output, failed, run)
 
 
-def _run_shards(cfg: Config, output: str, plans: list, registry) -> tuple[dict[int, str], list[dict[str, Any]]]:
-    """Bounded in-flight shard tasks; a failed shard is retried ``shard_retries`` times, then reported."""
+def _run_shards(cfg: Config, output: str, plans: list, registry) -> tuple[dict[int, str], dict[str, Any]]:
+    """Every planned shard through :func:`run_bounded`; returns the failed shards and this run's totals."""
     dcfg = cfg.download
     fs, _ = commit.fs_and_path(output)
     progress = Progress("download", total=len(plans), unit="shards")
-    task = _download_task.options(**_passthrough_env())
-    pending: dict[ray.ObjectRef, tuple[Any, int]] = {}
-    queue = [(p, 0) for p in plans]
+    task = _download_task.options(resources=dict(dcfg.resources), **_storage_env())
+    totals = {"shards": 0, "rows": 0, "successes": 0, "bytes_downloaded": 0}
     failed: dict[int, str] = {}
-    manifests = []
-    while queue or pending:
-        while queue and len(pending) < dcfg.max_in_flight:  # backpressure: bounded in-flight shards
-            plan, attempt = queue.pop(0)
-            pending[task.remote(dcfg, output, plan, attempt, registry)] = (plan, attempt)
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        plan, attempt = pending.pop(ready[0])
-        try:
-            manifest = ray.get(ready[0])
-        except Exception as exc:  # noqa: BLE001 — a shard failure is retried, then reported, never dropped
-            if attempt < dcfg.shard_retries:
-                log.warning("shard %05d attempt %d failed (%s); retrying", plan.shard_id, attempt + 1, exc)
-                queue.append((plan, attempt + 1))
-            else:
-                failed[plan.shard_id] = f"{type(exc).__name__}: {exc}"
-                progress.update(1, f"shard {plan.shard_id:05d} FAILED")
-            continue
-        manifests.append(manifest)
+
+    def done(plan, manifest: dict[str, Any]) -> None:
+        totals["shards"] += 1
+        totals["rows"] += manifest["count"]
+        totals["successes"] += manifest["successes"]
+        totals["bytes_downloaded"] += manifest["bytes_downloaded"]
         fs.rm(commit.fs_and_path(plan.arrow_path)[1])  # the plan is spent once its shard is committed
         progress.update(1, f"shard {plan.shard_id:05d}: {manifest['successes']}/{manifest['count']} ok")
+
+    def gave_up(plan, error: str) -> None:
+        failed[plan.shard_id] = error
+        progress.update(1, f"shard {plan.shard_id:05d} FAILED")
+
+    run_bounded(lambda plan, attempt: task.remote(dcfg, output, plan, attempt, registry), plans,
+                dcfg.max_in_flight, dcfg.shard_retries, done, gave_up, name=lambda p: f"shard {p.shard_id:05d}")
     progress.close()
-    return failed, manifests
+    return failed, totals
+
+
+def run_bounded(submit, items, max_in_flight: int, retries: int, on_result, on_failure,
+                name=str) -> dict[str, int]:
+    """Run ``submit(item, attempt) -> ObjectRef`` over ``items`` (any iterable, read lazily) with at most
+    ``max_in_flight`` refs outstanding: the driver holds O(max_in_flight) refs and results whatever the number of
+    items, and hands each result to ``on_result(item, value)`` as it lands instead of keeping it. A failed item is
+    resubmitted (``attempt`` + 1) up to ``retries`` times, then reported to ``on_failure(item, error)``; nothing is
+    dropped. Returns counters: submitted, completed, failed, retried, peak_in_flight."""
+    todo = iter(items)
+    again: list[tuple[Any, int]] = []  # failed items waiting for another attempt go before fresh ones
+    pending: dict[ray.ObjectRef, tuple[Any, int]] = {}
+    stats = {"submitted": 0, "completed": 0, "failed": 0, "retried": 0, "peak_in_flight": 0}
+    exhausted = False
+    while True:
+        while len(pending) < max_in_flight and (again or not exhausted):
+            if again:
+                item, attempt = again.pop()
+            else:
+                item = next(todo, _END)
+                if item is _END:
+                    exhausted = True
+                    break
+                attempt = 0
+            pending[submit(item, attempt)] = (item, attempt)
+            stats["submitted"] += 1
+        if not pending:
+            return stats
+        stats["peak_in_flight"] = max(stats["peak_in_flight"], len(pending))
+        refs = list(pending)
+        ready, _ = ray.wait(refs, num_returns=1)
+        if len(refs) > 1:  # drain everything else already finished: one wait per batch, not per task
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref, value, error in _results(ready):
+            item, attempt = pending.pop(ref)
+            if error is None:
+                stats["completed"] += 1
+                on_result(item, value)
+            elif attempt < retries:
+                log.warning("%s attempt %d failed (%s); retrying", name(item), attempt + 1, error)
+                stats["retried"] += 1
+                again.append((item, attempt + 1))
+            else:
+                stats["failed"] += 1
+                on_failure(item, error)
+
+
+_END = object()
+
+
+def _results(refs: list) -> list[tuple[Any, Any, str | None]]:
+    """(ref, value, error) for finished refs: one batched get, per-ref gets only when something in it failed."""
+    try:
+        return [(r, v, None) for r, v in zip(refs, ray.get(refs))]
+    except Exception:  # noqa: BLE001 — find which ones failed; the others keep their values
+        out = []
+        for r in refs:
+            try:
+                out.append((r, ray.get(r), None))
+            except Exception as exc:  # noqa: BLE001 — a failure is retried or reported by the caller
+                out.append((r, None, f"{type(exc).__name__}: {exc}"))
+        return out
 
 
 def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:
@@ -161,7 +229,7 @@ def run_tokenize(cfg: Config, spec, encoder_threads: int = 1) -> dict[str, Any]:
         files = {s: image_shards[s].get("files", {}) for s in todo}
         ds = ray.data.from_items([{"shard_id": s, "expected": n} for s, n in todo.items()],
                                  override_num_blocks=len(todo))
-        env = _passthrough_env()  # S3 endpoint/credentials the driver was given reach every task and actor
+        env = _storage_env()  # the S3 endpoint/region the driver was given reach every task and actor
         ds = ds.flat_map(lambda r: decode_shard(images, int(r["shard_id"]), size, int(r["expected"]),
                                                 files[int(r["shard_id"])]), **env)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0  # encoder actors on GPUs when there are any
@@ -288,7 +356,7 @@ def run_sample(cfg: Config, captions: list[str]) -> tuple[list, dict[str, Any]]:
     def share(i: int) -> tuple[list, dict[str, Any]]:
         return draw_captions(cfg, captions[bounds[i]:bounds[i + 1]], cfg.sample.seed + i)
 
-    parts = ray.get([share.options(**_passthrough_env()).remote(i) for i in range(n)])
+    parts = ray.get([share.options(**_storage_env()).remote(i) for i in range(n)])
     results = [r for part, _ in parts for r in part]
     stats: dict[str, Any] = {"workers": n, "gpus_per_worker": gpus, "checkpoint": parts[0][1]["checkpoint"]}
     for key in ("captions", "samples", "empty_captions", "truncated_captions"):

@@ -47,17 +47,20 @@ def tiny_config(tmp_path) -> Config:
 
 
 @pytest.fixture(scope="session")
-def s3():
-    """moto's S3 server on 127.0.0.1; AWS_* env points boto/s3fs (and, via the Ray seam, shard tasks) at it."""
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1. The endpoint and region go in AWS_* env (the Ray seam passes those on to
+    tasks); the keys only in a shared credentials file, the standard AWS chain, as on a real cluster node."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    creds = tmp_path_factory.mktemp("aws") / "credentials"
+    creds.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test\n")
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    _set_env(env)
     import fsspec
 
     fsspec.filesystem("s3").clear_instance_cache()
@@ -65,7 +68,11 @@ def s3():
     fs.mkdir("laion")
     yield fs
     server.stop()
-    for k, v in old.items():
+    _set_env(old)
+
+
+def _set_env(env: dict) -> None:
+    for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
         else:

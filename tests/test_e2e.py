@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,13 +13,15 @@ from pipeline import commit, schema, shards
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CANARY = f"canary-{uuid.uuid4().hex}"  # a secret in the demo's environment
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY, "HF_TOKEN": CANARY}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--config", "configs/tiny.yaml",
-                           f"run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           f"run_dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run, proc.stdout + proc.stderr
 
@@ -31,6 +34,16 @@ def test_demo_prints_ok_line_and_stage_times(demo_run):
     for stage in ("download", "train-dvae", "train-clip", "tokenize", "train-prior", "sample",
                   "train-diffusion-prior", "eval-prior"):
         assert f"[demo] {stage}:" in out
+
+
+def test_no_secret_from_the_environment_in_any_output(demo_run):
+    """Reports, manifests, metrics, checkpoints, logs: nothing the demo wrote or printed holds the canary."""
+    run, out = demo_run
+    assert CANARY not in out
+    files = [os.path.join(d, n) for d, _, names in os.walk(run) for n in names]
+    assert any(f.endswith("report.html") for f in files) and any(f.endswith("complete.json") for f in files)
+    leaks = [f for f in files if CANARY.encode() in open(f, "rb").read()]
+    assert not leaks, leaks
 
 
 def test_rows_and_keys_agree_across_stages(demo_run):
