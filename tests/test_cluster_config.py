@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import load_config
+
 util = pytest.importorskip("ray.autoscaler._private.util")
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -62,7 +64,13 @@ def test_aws_node_types():
     family = gpu["node_config"]["InstanceType"].split(".")[0]
     assert gpu["resources"].get("GPU", 0) > 0 or family in GPU_FAMILIES
     cpu = types["cpu_worker"]
-    assert cpu["resources"].get("download") == 1
+    # Shard tasks ask for the resource configs/laion-cluster.yaml names; only download nodes have it, one unit
+    # per vCPU, and the in-flight cap fills every such node at max_workers.
+    run_cfg = load_config(CLUSTER.parent / "configs" / "laion-cluster.yaml")
+    assert run_cfg.download.resources == {"download": 1.0}
+    assert [t for t, spec in types.items() if spec.get("resources", {}).get("download")] == ["cpu_worker"]
+    assert cpu["resources"]["download"] == cpu["resources"]["CPU"]
+    assert run_cfg.download.max_in_flight >= cpu["max_workers"] * cpu["resources"]["download"]
     # Per-type worker_setup_commands replace the global ones, so the download workers must repeat the install
     # and add the caching resolver.
     cmds = cpu["worker_setup_commands"]
