@@ -73,3 +73,16 @@ def test_failure_mid_shard_on_s3_never_looks_committed(tmp_path, s3, web, monkey
     manifest = download_shard.download_shard(cfg, out, plans[0], attempt=1)
     assert manifest["successes"] == 4 and list(commit.committed_shards(fs, path)) == [0]
     assert len(list(shards.iter_images(out, 16))) == 4
+
+
+def test_tasks_learn_where_s3_is_never_the_keys(monkeypatch):
+    """What the seam hands tasks in their runtime_env (stored in the GCS, shown on the dashboard, logged)."""
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t0ken",
+               "FSSPEC_S3_SECRET": "s3cr3t", "AWS_SECURITY_TOKEN": "t0ken"}
+    where = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+             "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/credentials", "AWS_PROFILE": "pipeline"}
+    for k, v in {**secrets, **where}.items():
+        monkeypatch.setenv(k, v)
+    env = ray_seam._storage_env()["runtime_env"]["env_vars"]
+    assert {k: env[k] for k in where} == where
+    assert not set(env) & set(secrets) and not {"s3cr3t", "t0ken", "AKIAEXAMPLE"} & set(env.values())
