@@ -40,7 +40,8 @@ def init_ray(cfg: Config) -> None:
 class ShaRegistry:
     """Run-wide first owner of each image sha256 (duplicate-image filter). Seeded from committed shards on resume.
 
-    One actor holds every kept image's sha prefix; at LAION scale (10^8 images) that is a few GB, so shard it by
+    It is pinned to the driver's node (the head on a cluster), so losing a worker node never loses it. One actor
+    holds every kept image's sha prefix; at LAION scale (10^8 images) that is a few GB, so shard it by
     prefix when you get there.
     """
 
