@@ -68,6 +68,25 @@ def zero3_gpu_bytes(total_params: int, largest_layer_params: int, gpus: int, gpu
     return ds_seam.zero3_gpu_bytes(total_params, largest_layer_params, per_node, max(1, math.ceil(gpus / per_node)))
 
 
+def gpus_needed(total_params: int, largest_layer_params: int, act: int, gpu_mem_gb: float, gpus_per_node: int,
+                limit: int = 1 << 20) -> int | None:
+    """Fewest GPUs on which ZeRO-3 model states (DeepSpeed's estimate) plus ``act`` activation bytes fit in
+    ``gpu_mem_gb`` each; None when even ``limit`` GPUs are not enough (activations alone do not fit)."""
+    def fits(n: int) -> bool:
+        return zero3_gpu_bytes(total_params, largest_layer_params, n, gpus_per_node) + act <= gpu_mem_gb * 1e9
+
+    if not fits(limit):
+        return None
+    lo, hi = 0, 1  # fits(lo) is False (0 GPUs never fit); grow hi until it fits, then bisect
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    # Past one node the estimate (like the launcher) counts whole nodes: report the GPUs of those nodes.
+    return hi if hi <= gpus_per_node else math.ceil(hi / gpus_per_node) * gpus_per_node
+
+
 def activation_bytes(seq: int, d: int, layers: int, micro_batch: int, checkpointing: bool) -> int:
     """Assumed: no checkpointing seq·d·layers·micro·34 B; with checkpointing 2·seq·d·layers·micro B (the saved
     bf16 layer inputs) plus one layer's full 34·seq·d·micro B being recomputed."""
@@ -246,6 +265,8 @@ def plan(cfg, samples: int, gpus: int, gpu_mem_gb: float = 80.0, gpus_per_node: 
                                         if p.activation_checkpointing else " × 34 B, no checkpointing")),
             "total_gpu_bytes": need,
             "fits": need <= gpu_mem_gb * 1e9,
+            "gpus_needed": _fig(gpus_needed(total, largest, act, gpu_mem_gb, gpus_per_node), "measured",
+                                "fewest GPUs where DeepSpeed's ZeRO-3 estimate + activations fit, no offload"),
         },
         "stages": stages,
         "rates": r,
@@ -294,6 +315,9 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(f"activations per GPU:         {_size(act['value'])} [{act['basis']}: {act['note']}]")
     lines.append(f"total per GPU:               {_size(mem['total_gpu_bytes'])} of {p['gpu_mem_gb']:g} GB → "
                  f"{'fits' if mem['fits'] else 'DOES NOT FIT'}")
+    fewest = mem["gpus_needed"]["value"]
+    lines.append(f"GPUs needed to fit:          {fewest if fewest else 'none: activations alone exceed a GPU'} "
+                 f"[{mem['gpus_needed']['note']}]")
     lines.append("rates:")
     for k, v in p["rates"].items():
         lines.append(f"  {k} = {v['value']:g} [{v['basis']}]" + (f" ({v['note']})" if v["note"] else ""))

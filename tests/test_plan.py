@@ -79,3 +79,26 @@ def test_worked_example(example):
     assert example["memory"]["fits"] is True
     assert example["stages"]["train"]["storage_bytes"]["value"] == 16 * example["model"]["params"]["value"]
     assert "Worked example" in planmod.format_plan(example)
+
+
+def test_gpus_needed_is_the_fewest_that_fit(example):
+    """The fewest GPUs on which DeepSpeed's ZeRO-3 estimate plus activations fit: that many fit, one fewer not."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    total = example["model"]["params"]["value"]
+    largest = example["model"]["largest_layer_params"]["value"]
+    act = example["memory"]["activation_bytes"]["value"]
+
+    def need(gpus: int) -> float:  # straight from DeepSpeed, whole nodes of 8 past the first node
+        per_node = min(gpus, 8)
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, -(-gpus // per_node),
+                                                          cpu_offload=False, cpu_offload_params=False)
+        return gpu + act
+
+    n = example["memory"]["gpus_needed"]["value"]
+    assert need(n) <= 80e9 < need(n - 1)
+    assert 2 <= n <= 8  # 12.2 B params x ~16-18 B of states do not fit one 80 GB GPU, and fit one node
+    small = planmod.gpus_needed(total, largest, act, 16.0, 8)  # 16 GB GPUs: more than one node of 8
+    assert small > 8 and small % 8 == 0 and need(small) <= 16e9 < need(small - 8)  # whole nodes
+    assert planmod.gpus_needed(total, largest, int(100e9), 80.0, 8) is None  # activations alone exceed a GPU
+    assert "GPUs needed to fit:" in planmod.format_plan(example)
