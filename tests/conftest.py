@@ -46,6 +46,24 @@ def tiny_config(tmp_path) -> Config:
     return load_config(os.path.join(REPO, "configs", "tiny.yaml"), [f"run_dir={tmp_path / 'run'}"])
 
 
+def make_tiny_models(cfg: Config) -> None:
+    """A random tiny dVAE and a CLIP trained for ``cfg.clip.steps`` on the committed images, in ``cfg``'s run:
+    tokenize needs models, not good ones."""
+    import numpy as np
+    import torch
+
+    from pipeline import shards
+    from pipeline.clip import train_clip
+    from pipeline.dvae import DVAE, DVAEShape, save_dvae
+
+    torch.manual_seed(0)
+    os.makedirs(cfg.path("dvae"))
+    save_dvae(DVAE(DVAEShape(vocab_size=32, n_hid=8, group_count=2, n_blk_per_group=1, n_init=8)),
+              os.path.join(cfg.path("dvae"), "dvae.pt"))
+    items = list(shards.iter_images(cfg.path("images"), 16))
+    train_clip(cfg.clip, np.stack([i for _, _, i in items]), [c for _, c, _ in items], cfg.path("clip"), 0)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1. The endpoint and region go in AWS_* env (the Ray seam passes those on to

@@ -12,9 +12,9 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_tiny_models
 
 from pipeline import commit, schema, shards
 from pipeline.config import load_config
@@ -25,13 +25,19 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES, SHARD = 72, 6  # 12 shards
 CANARY = f"canary-{uuid.uuid4().hex}"
-WORKER = {"num_cpus": 2, "resources": {"download": 1}}
+# Every node's dashboard agent takes HTTP port 52365 unless told otherwise; another Ray instance on this machine
+# (the session's ray_cluster fixture) or another node may hold it, and a head whose agent cannot bind cannot take
+# job submissions. So every node gets a free port of its own.
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _worker_args() -> dict:
+    return {"num_cpus": 2, "resources": {"download": 1}, "dashboard_agent_listen_port": _free_port()}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +56,9 @@ def cluster(s3):
     fast_detect = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                       "dashboard_host": "127.0.0.1", "dashboard_port": port,
+                                                      "dashboard_agent_listen_port": _free_port(),
                                                       "_system_config": fast_detect})
-    workers = [c.add_node(**WORKER) for _ in range(2)]
+    workers = [c.add_node(**_worker_args()) for _ in range(2)]
     c.wait_for_nodes()
     client = JobSubmissionClient(f"http://127.0.0.1:{port}")
     yield (c, workers, client), f"http://127.0.0.1:{port}"
@@ -78,9 +85,17 @@ def served(tiny_samples):
 
 
 def _submit(client, stage: str, overrides: list[str]) -> str:
-    return client.submit_job(entrypoint=shlex.join([sys.executable, f"jobs/{stage}.py", "--config", "configs/tiny.yaml",
-                                                  *overrides]),
-                             runtime_env={"working_dir": REPO})
+    entrypoint = shlex.join([sys.executable, f"jobs/{stage}.py", "--config", "configs/tiny.yaml", *overrides])
+    deadline = time.time() + 60
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": REPO})
+        except RuntimeError as exc:
+            # The job server answers 500 "No available agent" until the head's dashboard agent has registered,
+            # which on a busy machine can be seconds after the nodes are up; it says to try again.
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _wait(client, job: str, timeout: float = 240.0) -> str:
@@ -115,7 +130,7 @@ def _kill_busy_worker(cluster, dashboard: str, job: str, committed, busy) -> str
     node, name = victims[0]
     workers.remove(node)
     c.remove_node(node, allow_graceful=False)
-    workers.append(c.add_node(**WORKER))
+    workers.append(c.add_node(**_worker_args()))
     return name
 
 
@@ -144,8 +159,7 @@ def test_download_and_tokenize_jobs_survive_a_node_loss(cluster, served, s3, tmp
     assert len(keys) == len(set(keys)) == N_IMAGES  # 0 lost, 0 duplicated
     assert sum(m["successes"] for m in committed.values()) == N_IMAGES
 
-    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), common)
-    _tiny_models(cfg)
+    make_tiny_models(load_config(os.path.join(REPO, "configs", "tiny.yaml"), [*common, "clip.steps=1"]))
     job = _submit(client, "tokenize", common)
     tokens = str(run / "tokens")
     tfs, tfolder = commit.fs_and_path(tokens)
@@ -158,23 +172,6 @@ def test_download_and_tokenize_jobs_survive_a_node_loss(cluster, served, s3, tmp
     token_keys = table.column("key").to_pylist()
     assert len(token_keys) == len(set(token_keys)) and sorted(token_keys) == sorted(keys)
     _no_canary_anywhere(c, client, run)
-
-
-def _tiny_models(cfg) -> None:
-    """A random tiny dVAE and a 1-step tiny CLIP, made here: tokenize needs models, not good ones."""
-    import torch
-
-    from pipeline.clip import train_clip
-    from pipeline.dvae import DVAE, DVAEShape, save_dvae
-
-    torch.manual_seed(0)
-    os.makedirs(cfg.path("dvae"))
-    save_dvae(DVAE(DVAEShape(vocab_size=32, n_hid=8, group_count=2, n_blk_per_group=1, n_init=8)),
-              os.path.join(cfg.path("dvae"), "dvae.pt"))
-    items = list(shards.iter_images(cfg.path("images"), 16))
-    clip_cfg = load_config(None, ["clip.steps=1", "clip.embed_dim=32", "clip.width=64", "clip.layers=1",
-                                  "clip.patch_size=8", "clip.context_length=20", "clip.batch_size=32"]).clip
-    train_clip(clip_cfg, np.stack([i for _, _, i in items]), [c for _, c, _ in items], cfg.path("clip"), 0)
 
 
 def _no_canary_anywhere(c, client, run) -> None:

@@ -16,11 +16,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_tiny_models
 
 from pipeline import commit, ray_seam, schema, shards
-from pipeline.clip import train_clip
 from pipeline.config import load_config
-from pipeline.dvae import DVAE, DVAEShape, save_dvae
 from pipeline.stages import encoder_spec
 
 pytestmark = pytest.mark.slow
@@ -37,14 +36,7 @@ def workspace(tmp_path_factory, ray_cluster, image_server, tiny_samples):
                                             "download.allow_private_addresses=true", "download.shard_size=16",
                                             "clip.steps=1", "tokenize.batch_size=8"])
     ray_seam.run_download(cfg)
-    import torch
-
-    torch.manual_seed(0)
-    os.makedirs(cfg.path("dvae"))
-    save_dvae(DVAE(DVAEShape(vocab_size=32, n_hid=8, group_count=2, n_blk_per_group=1, n_init=8)),
-              os.path.join(cfg.path("dvae"), "dvae.pt"))
-    items = list(shards.iter_images(cfg.path("images"), 16))
-    train_clip(cfg.clip, np.stack([i for _, _, i in items]), [c for _, c, _ in items], cfg.path("clip"), 0)
+    make_tiny_models(cfg)
     return cfg
 
 
