@@ -289,9 +289,9 @@ def single_core_rate(blobs: list[bytes], size: int, reduced: bool, passes: int =
 
 
 def pipeline_core_rate(blobs: list[bytes], size: int, passes: int = 3) -> dict[str, Any]:
-    """Images/s on one core for exactly our per-image work: ``pipeline.imaging.ImageProcessor`` (header probe, scaled
-    JPEG decode, crop, INTER_AREA resize, encode jpg 95), bytes in → bytes out."""
-    from pipeline.imaging import ImageLimits, ImageProcessor
+    """Images/s on one core for exactly our per-image work: ``pipeline.download.imaging.ImageProcessor`` (header probe,
+    scaled JPEG decode, crop, INTER_AREA resize, encode jpg 95), bytes in → bytes out."""
+    from pipeline.download.imaging import ImageLimits, ImageProcessor
 
     cv2.setNumThreads(1)
     proc = ImageProcessor(size, "center_crop", "jpg", 95, ImageLimits())
@@ -299,7 +299,7 @@ def pipeline_core_rate(blobs: list[bytes], size: int, passes: int = 3) -> dict[s
         proc(blob)
     best = min(_timed(lambda: [proc(b) for b in blobs]) for _ in range(passes))
     return {"images_per_s": len(blobs) / best, "reduced_decode_used": True, "images": len(blobs),
-            "ms_per_image": {"total": 1e3 * best / len(blobs)}, "what": "pipeline.imaging.ImageProcessor"}
+            "ms_per_image": {"total": 1e3 * best / len(blobs)}, "what": "pipeline.download.imaging.ImageProcessor"}
 
 
 def _timed(fn: Any) -> float:
@@ -579,7 +579,7 @@ def main() -> None:
         keys = config_keys(root)
         result["import_s"] = {
             "img2dataset": import_seconds("import img2dataset", ROOT),
-            "ours": import_seconds("import ray, pipeline.cli, pipeline.stages, pipeline.ray_seam", root)}
+            "ours": import_seconds("import ray, pipeline.cli, pipeline.stages, pipeline.runtime.ray_seam", root)}
         runs: list[dict[str, Any]] = []
         result["runs"] = runs
         for r in range(args.runs):

@@ -4,7 +4,7 @@
 
 The architecture is OpenAI's published one (n_hid 256, 2 blocks per group, 4 groups, vocab 8192: 256×256 images →
 32×32 codes). A ``dall_e`` Encoder/Decoder pair with random weights is saved with ``torch.save`` exactly like OpenAI's
-``encoder.pkl`` / ``decoder.pkl`` and loaded into ours with ``pipeline.dvae_openai.load_openai``, so both run the same
+``encoder.pkl`` / ``decoder.pkl`` and loaded into ours with ``pipeline.dvae.openai.load_openai``, so both run the same
 numbers. On the CPU, ours runs as is (fp32), in ``channels_last`` and under bf16 autocast; each variant and the
 ``dall_e`` encoder are timed interleaved (the order rotates every repeat, after one warm-up round) and the median is
 kept. A variant that a one-conv probe finds over 2x slower than fp32 on this CPU (bf16 without native bf16 support:
@@ -38,8 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
 
-from pipeline.dvae import DVAE, DVAEShape, Encoder  # noqa: E402
-from pipeline.dvae_openai import load_openai  # noqa: E402
+from pipeline.dvae.model import DVAE, DVAEShape, Encoder  # noqa: E402
+from pipeline.dvae.openai import load_openai  # noqa: E402
 
 FULL = DVAEShape(vocab_size=8192, n_hid=256, group_count=4, n_blk_per_group=2, n_init=128)
 

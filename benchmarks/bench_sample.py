@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
 
-from pipeline.dvae import DVAE, DVAEShape  # noqa: E402
-from pipeline.prior import DalleTransformer, PriorShape, pad_text  # noqa: E402
+from pipeline.dvae.model import DVAE, DVAEShape  # noqa: E402
+from pipeline.prior.transformer import DalleTransformer, PriorShape, pad_text  # noqa: E402
 
 
 def timed(fn) -> tuple[torch.Tensor, float]:

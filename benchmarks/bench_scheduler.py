@@ -7,8 +7,8 @@ runs it, plus ``--nodes`` worker raylets of one CPU each), so every task goes th
 scheduler and a worker process. Each measured run is its own driver process joining that cluster, so its memory
 figures start from a clean process:
 
-- **ours**: ``pipeline.ray_seam.run_bounded`` (what ``run_download`` runs shards with): items read lazily, at most
-  ``--max-in-flight`` refs outstanding, each result handed on as it lands and dropped.
+- **ours**: ``pipeline.runtime.ray_seam.run_bounded`` (what ``run_download`` runs shards with): items read lazily, at
+  most ``--max-in-flight`` refs outstanding, each result handed on as it lands and dropped.
 - **peer**: the usual glue-script shape, ``ray.get([task.remote(i) for i in range(n)])``: every ref (and then every
   result) held by the driver at once.
 
@@ -40,7 +40,7 @@ def _driver(address: str, mode: str, n: int, cap: int) -> dict[str, Any]:
     import psutil
     import ray
 
-    from pipeline import ray_seam
+    from pipeline.runtime import ray_seam
 
     ray.init(address=address, configure_logging=False, log_to_driver=False)
 

@@ -8,14 +8,14 @@ a local file and loaded by ours as ``load_clip("ViT-B-32", <file>)`` and by clip
 ``open_clip:ViT-B-32/<file>`` (its ``all_clip`` loader), so nothing is downloaded. The images are synthetic
 photo-like 256×256 JPEGs in webdataset tars (``{key}.jpg/.txt/.json``, img2dataset's layout and keys).
 
-- **ours, CLIP only**: what tokenize does per shard — ``pipeline.tokenize.decode_shard`` then, per batch,
-  ``pipeline.clip.encode_images`` (and ``encode_texts`` in the image+text pair).
+- **ours, CLIP only**: what tokenize does per shard — ``pipeline.tokenize.encode.decode_shard`` then, per batch,
+  ``pipeline.clip.model.encode_images`` (and ``encode_texts`` in the image+text pair).
 - **clip-retrieval**: its own ``clip_inference`` Runner with its ``WebdatasetReader`` (DataLoader with
   ``--peer-workers`` preprocessing processes), ``ClipMapper`` and ``NumpyWriter``, exactly as its ``worker()`` builds
   them, ``enable_text`` off (images only) or on (image+text); its per-partition ``LoggerWriter`` (a spawned stats
   process) is replaced by a no-op so the figure is its steady-state throughput, not process start-up.
-- **ours, full tokenize**: ``pipeline.tokenize.Encoder`` (tiny dVAE at 256px → 32×32 codes, CLIP image+text, BPE),
-  then ``write_token_shard`` per shard.
+- **ours, full tokenize**: ``pipeline.tokenize.encode.Encoder`` (tiny dVAE at 256px → 32×32 codes, CLIP image+text,
+  BPE), then ``write_token_shard`` per shard.
 
 clip-retrieval pins numpy<2, pyarrow<16 and fire<0.6, so it is not installed in the project venv: the first run
 builds ``benchmarks/.peer-venv`` (gitignored) with ``clip-retrieval`` and the few packages its import needs that the
@@ -121,7 +121,7 @@ def make_shards(folder: str, n_images: int, shard_size: int, seed: int = 0) -> d
 # ---------------------------------------------------------------------------------------------------------- ours
 def decoded(folder: str, shard_id: int, expected: int) -> list[dict[str, Any]]:
     """``decode_shard`` as tokenize calls it: the tar's bytes are checked against the sha256 its marker records."""
-    from pipeline.tokenize import decode_shard
+    from pipeline.tokenize.encode import decode_shard
 
     rows = decode_shard(folder, shard_id, IMAGE_SIZE, expected, files=SHARD_FILES[(folder, shard_id)])
     bad = [(r["key"], r.get("reject")) for r in rows if r.get("reject")]
@@ -139,7 +139,7 @@ def ours_clip(bundle: Any, folder: str, shards: dict[int, int], batch: int, text
     """decode_shard per shard, then CLIP per batch: what tokenize's Encoder does, minus the dVAE and BPE."""
     import numpy as np
 
-    from pipeline import clip as clip_lib
+    from pipeline.clip import model as clip_lib
 
     n, embs = 0, {}
     for shard_id, expected in shards.items():
@@ -157,7 +157,7 @@ def ours_full(encoder: Any, metadata: dict, folder: str, shards: dict[int, int],
     """decode_shard → Encoder (dVAE + CLIP image/text + BPE) per batch → write_token_shard per shard."""
     import numpy as np
 
-    from pipeline.tokenize import write_token_shard
+    from pipeline.tokenize.encode import write_token_shard
 
     n = 0
     for shard_id, expected in shards.items():
@@ -327,7 +327,7 @@ def bytes_per_sample(rows: int, grid: int, dim: int, tokenizer: Any, folder: str
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.tokenize import write_token_shard
+    from pipeline.tokenize.encode import write_token_shard
 
     rng = np.random.default_rng(1)
     keys = [f"00000{j:04d}" for j in range(rows)]
@@ -415,8 +415,8 @@ def main() -> None:
     import open_clip
     import torch
 
-    from pipeline.dvae import DVAE, DVAEShape, save_dvae
-    from pipeline.tokenize import Encoder, EncoderSpec
+    from pipeline.dvae.model import DVAE, DVAEShape, save_dvae
+    from pipeline.tokenize.encode import Encoder, EncoderSpec
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t_start = time.perf_counter()

@@ -34,12 +34,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
 
-from pipeline import ds_seam, prior_metrics, tokenize  # noqa: E402
 from pipeline.config import PRIOR_SIZES, PriorConfig  # noqa: E402
-from pipeline.diffusion_prior import EMA, DiffusionPrior, DiffusionShape  # noqa: E402
-from pipeline.prior import DalleTransformer, PriorShape  # noqa: E402
-from pipeline.prior_data import TokenLoader, make_plan  # noqa: E402
-from pipeline.prior_objectives import ARObjective, DiffusionObjective  # noqa: E402
+from pipeline.prior import metrics as prior_metrics
+from pipeline.prior.diffusion import EMA, DiffusionPrior, DiffusionShape  # noqa: E402
+from pipeline.prior.loader import TokenLoader, make_plan  # noqa: E402
+from pipeline.prior.objectives import ARObjective, DiffusionObjective  # noqa: E402
+from pipeline.prior.transformer import DalleTransformer, PriorShape  # noqa: E402
+from pipeline.runtime import ds_seam
+from pipeline.tokenize import encode as tokenize  # noqa: E402
 
 
 def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab: int, shards: int = 4,

@@ -23,7 +23,7 @@ def _started_by_deepspeed() -> bool:
 
 if __name__ == "__main__":
     if _started_by_deepspeed():
-        from pipeline.train_prior import main as rank_main
+        from pipeline.prior.train import main as rank_main
 
         rank_main(sys.argv[1:])
     else:

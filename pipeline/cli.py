@@ -40,7 +40,7 @@ def _run(stage: str, cfg: Config) -> dict[str, Any]:
         "eval-prior": _eval_prior,
     }
     if stage == "demo":
-        from pipeline.demo import run_demo
+        from pipeline.demo.run import run_demo
 
         result = run_demo(cfg)
         for name, st in result["stages"].items():
@@ -52,25 +52,25 @@ def _run(stage: str, cfg: Config) -> dict[str, Any]:
 
 
 def _eval_dvae(cfg: Config) -> dict[str, Any]:
-    from pipeline.eval_dvae import eval_dvae
+    from pipeline.dvae.eval import eval_dvae
 
     return eval_dvae(cfg)
 
 
 def _export(cfg: Config) -> dict[str, Any]:
-    from pipeline.export import export_clip_retrieval
+    from pipeline.tokenize.export import export_clip_retrieval
 
     return export_clip_retrieval(cfg.path("tokens"), cfg.path("clip_retrieval"))
 
 
 def _eval_prior(cfg: Config) -> dict[str, Any]:
-    from pipeline.eval_prior import eval_prior
+    from pipeline.prior.eval import eval_prior
 
     return eval_prior(cfg, limit=cfg.prior.eval_rows)
 
 
 def _export_prior(cfg: Config) -> dict[str, Any]:
-    from pipeline.prior_ckpt import export_weights
+    from pipeline.prior.checkpoints import export_weights
 
     return {"model": export_weights(cfg.path("prior"))}
 
@@ -105,13 +105,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pipeline.commit import RunMismatchError
-    from pipeline.download import InputError
-    from pipeline.ds_seam import CheckpointError
-    from pipeline.prior_data import DataError
+    from pipeline.download.planner import InputError
+    from pipeline.prior.loader import DataError
+    from pipeline.runtime.ds_seam import CheckpointError
+    from pipeline.storage.commit import RunMismatchError
 
     if args.stage == "plan":  # pure arithmetic on the config: no stage runs
-        from pipeline.plan import format_plan, plan
+        from pipeline.capacity import format_plan, plan
 
         print(format_plan(plan(cfg, int(args.samples), args.gpus, gpu_mem_gb=args.gpu_mem_gb)))
         return 0

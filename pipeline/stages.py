@@ -24,7 +24,7 @@ def _stamp(summary: dict[str, Any], t0: float) -> dict[str, Any]:
 
 
 def download(cfg: Config) -> dict[str, Any]:
-    from pipeline import ray_seam
+    from pipeline.runtime import ray_seam
 
     t0 = time.time()
     ray_seam.init_ray(cfg)
@@ -36,27 +36,27 @@ def download(cfg: Config) -> dict[str, Any]:
 
 
 def load_images(cfg: Config, limit: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
-    from pipeline.dvae_data import load_image_array
+    from pipeline.dvae.data import load_image_array
 
     return load_image_array(cfg.path("images"), cfg.download.image_size, limit)
 
 
 def train_dvae(cfg: Config, images: np.ndarray | None = None) -> dict[str, Any]:
-    """Run ``pipeline.train_dvae`` on ``dvae.num_procs`` ranks through the deepspeed launcher; it streams the
+    """Run ``pipeline.dvae.train`` on ``dvae.num_procs`` ranks through the deepspeed launcher; it streams the
     committed image shards itself (``images`` is not used)."""
     t0 = time.time()
     if cfg.dvae.weights:  # OpenAI's published dVAE, or a checkpoint of ours: no training, same output layout
-        from pipeline.dvae_openai import import_weights
+        from pipeline.dvae.openai import import_weights
 
         return _stamp(import_weights(cfg), t0)
-    from pipeline import ds_seam
+    from pipeline.runtime import ds_seam
 
     out = Path(cfg.path("dvae"))
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info("train-dvae: %d ranks through the deepspeed launcher; log %s", cfg.dvae.num_procs, out / "launcher.log")
-    ds_seam.launch("pipeline.train_dvae", str(resolved), cfg.dvae.num_procs, str(out / "launcher.log"), "[train-dvae]")
+    ds_seam.launch("pipeline.dvae.train", str(resolved), cfg.dvae.num_procs, str(out / "launcher.log"), "[train-dvae]")
     if not (out / "metrics.json").exists():  # stopped early (dvae.stop_after_steps): resumable, no weights yet
         lines = (out / "metrics.jsonl").read_text().splitlines()
         last = [r for r in map(json.loads, lines) if r.get("kind") == "train"][-1:]
@@ -71,7 +71,7 @@ def clip_arch(cfg: Config) -> str:
 
 
 def train_clip(cfg: Config, images: np.ndarray | None = None, captions: list[str] | None = None) -> dict[str, Any]:
-    from pipeline import clip as clip_lib
+    from pipeline.clip import model as clip_lib
 
     t0 = time.time()
     if cfg.clip.model:
@@ -91,7 +91,7 @@ def train_clip(cfg: Config, images: np.ndarray | None = None, captions: list[str
 
 
 def encoder_spec(cfg: Config):
-    from pipeline.tokenize import EncoderSpec
+    from pipeline.tokenize.encode import EncoderSpec
 
     return EncoderSpec(dvae_path=os.path.abspath(os.path.join(cfg.path("dvae"), "dvae.pt")),
                        clip_arch=clip_arch(cfg), clip_pretrained=cfg.clip.pretrained,
@@ -99,11 +99,11 @@ def encoder_spec(cfg: Config):
 
 
 def tokenize(cfg: Config) -> dict[str, Any]:
-    from pipeline import ray_seam
+    from pipeline.runtime import ray_seam
 
     t0 = time.time()
     if cfg.dvae.weights and not Path(cfg.path("dvae"), "dvae.pt").exists():  # e.g. OpenAI's: import it first
-        from pipeline.dvae_openai import import_weights
+        from pipeline.dvae.openai import import_weights
 
         import_weights(cfg)
     ray_seam.init_ray(cfg)
@@ -111,7 +111,7 @@ def tokenize(cfg: Config) -> dict[str, Any]:
 
 
 def train_prior(cfg: Config) -> dict[str, Any]:
-    """Run ``pipeline.train_prior`` on ``prior.num_procs`` ranks through the deepspeed launcher."""
+    """Run ``pipeline.prior.train`` on ``prior.num_procs`` ranks through the deepspeed launcher."""
 
     t0 = time.time()
     out = Path(cfg.path("prior"))
@@ -119,14 +119,14 @@ def train_prior(cfg: Config) -> dict[str, Any]:
     resolved = out / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if cfg.prior.launcher == "ray":  # Ray Train's TorchTrainer runs the same per-rank function on its workers
-        from pipeline import ray_seam
+        from pipeline.runtime import ray_seam
 
         ray_seam.init_ray(cfg)
         ray_seam.run_train_prior(cfg)
         return _prior_summary(cfg, out, t0)
-    from pipeline import ds_seam
+    from pipeline.runtime import ds_seam
 
-    ds_seam.launch("pipeline.train_prior", str(resolved), cfg.prior.num_procs, str(out / "launcher.log"),
+    ds_seam.launch("pipeline.prior.train", str(resolved), cfg.prior.num_procs, str(out / "launcher.log"),
                    "[train-prior]")
     return _prior_summary(cfg, out, t0)
 
@@ -138,7 +138,7 @@ def diffusion_config(cfg: Config) -> Config:
 
 
 def eval_prior(cfg: Config) -> dict[str, Any]:
-    from pipeline.eval_prior import eval_prior as run
+    from pipeline.prior.eval import eval_prior as run
 
     t0 = time.time()
     result = run(cfg, limit=cfg.prior.eval_rows)
@@ -162,14 +162,15 @@ def heldout_captions(cfg: Config) -> list[str]:
 
 def sample_captions(cfg: Config) -> list[str]:
     """``sample.captions`` (entries naming a file add its lines), else the run's held-out captions."""
-    from pipeline import sample as sample_lib
+    from pipeline.sample import core as sample_lib
 
     return sample_lib.resolve_captions(cfg.sample.captions, lambda: heldout_captions(cfg), cfg.sample.num_captions)
 
 
 def load_sampler_prior(cfg: Config):
-    """(prior, tokens_meta, source model.pt) for ``sample.checkpoint``; see ``pipeline.sample.load_sampler_prior``."""
-    from pipeline import sample as sample_lib
+    """(prior, tokens_meta, source model.pt) for ``sample.checkpoint``; see
+    ``pipeline.sample.core.load_sampler_prior``."""
+    from pipeline.sample import core as sample_lib
 
     return sample_lib.load_sampler_prior(cfg)
 
@@ -187,9 +188,9 @@ def draw_captions(cfg: Config, captions: list[str], seed: int) -> tuple[list, di
     process (or one Ray actor of ``sample.num_workers``) does."""
     import torch
 
-    from pipeline import clip as clip_lib
-    from pipeline import sample as sample_lib
-    from pipeline.dvae import load_dvae
+    from pipeline.clip import model as clip_lib
+    from pipeline.dvae.model import load_dvae
+    from pipeline.sample import core as sample_lib
 
     sc = cfg.sample
     prior, meta, source = load_sampler_prior(cfg)
@@ -215,14 +216,14 @@ def sample(cfg: Config) -> tuple[dict[str, Any], list]:
     """Draw images for ``sample.captions`` (default: the held-out captions) with the prior of ``sample.checkpoint``,
     in this process or spread over ``sample.num_workers`` Ray actors; write the combined grid samples.png,
     per-caption grids and PNGs under samples/, and samples.parquet/json."""
-    from pipeline import report
-    from pipeline import sample as sample_lib
+    from pipeline.report import figures as report
+    from pipeline.sample import core as sample_lib
 
     t0 = time.time()
     sc = cfg.sample
     captions = sample_captions(cfg)
     if sc.num_workers > 1:
-        from pipeline import ray_seam
+        from pipeline.runtime import ray_seam
 
         ray_seam.init_ray(cfg)
         results, stats = ray_seam.run_sample(cfg, captions)

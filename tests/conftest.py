@@ -9,8 +9,8 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data import synth  # noqa: E402
-from pipeline.data.server import ImageServer  # noqa: E402
+from pipeline.demo import synth  # noqa: E402
+from pipeline.demo.server import ImageServer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +52,9 @@ def make_tiny_models(cfg: Config) -> None:
     import numpy as np
     import torch
 
-    from pipeline import shards
-    from pipeline.clip import train_clip
-    from pipeline.dvae import DVAE, DVAEShape, save_dvae
+    from pipeline.clip.model import train_clip
+    from pipeline.dvae.model import DVAE, DVAEShape, save_dvae
+    from pipeline.storage import shards
 
     torch.manual_seed(0)
     os.makedirs(cfg.path("dvae"))

@@ -1,8 +1,8 @@
 import numpy as np
 
-from pipeline import clip
+from pipeline.clip import model as clip
 from pipeline.config import ClipConfig
-from pipeline.data import synth
+from pipeline.demo import synth
 
 
 def test_trained_clip_loads_through_open_clip_local_dir(tmp_path):

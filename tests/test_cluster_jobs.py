@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 from conftest import make_tiny_models
 
-from pipeline import commit, schema, shards
 from pipeline.config import load_config
-from pipeline.data import synth
-from pipeline.data.server import ImageServer
+from pipeline.demo import synth
+from pipeline.demo.server import ImageServer
+from pipeline.storage import commit, schema, shards
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

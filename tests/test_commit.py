@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline import commit
+from pipeline.storage import commit
 
 
 def test_claim_run_refuses_changed_settings_and_names_them(tmp_path):

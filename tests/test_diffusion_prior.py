@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config_prior import PRIOR_SIZES
-from pipeline.diffusion_prior import (
+from pipeline.config.prior import PRIOR_SIZES
+from pipeline.prior.diffusion import (
     EMA,
     DiffusionPrior,
     DiffusionShape,
@@ -18,7 +18,7 @@ from pipeline.diffusion_prior import (
     save_diffusion_prior,
     scaled,
 )
-from pipeline.prior import pad_text
+from pipeline.prior.transformer import pad_text
 
 SHAPE = DiffusionShape(text_vocab=20, text_len=5, embed_dim=8, n_layer=2, n_head=2, n_embd=16, timesteps=50)
 

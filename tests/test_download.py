@@ -6,8 +6,10 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline import commit, download, ray_seam, shards
 from pipeline.config import load_config
+from pipeline.download import planner as download
+from pipeline.runtime import ray_seam
+from pipeline.storage import commit, shards
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +98,7 @@ def test_bad_input_names_file_and_reason(tmp_path, image_server, tiny_samples):
 
 
 def test_non_utf8_caption_is_a_row_error_not_a_crash(tmp_path):
-    from pipeline.download_shard import check_caption, read_plan
+    from pipeline.download.shard import check_caption, read_plan
 
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"url,caption\nhttp://a/1.jpg,fine\nhttp://a/2.jpg,caf\xe9 au lait\n")

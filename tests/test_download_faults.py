@@ -12,8 +12,10 @@ import psutil
 import pytest
 from faultserver import FaultServer
 
-from pipeline import commit, download_runs, ray_seam, shards
 from pipeline.config import load_config
+from pipeline.download import runs as download_runs
+from pipeline.runtime import ray_seam
+from pipeline.storage import commit, shards
 
 pytestmark = pytest.mark.slow
 

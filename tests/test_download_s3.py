@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 from faultserver import FaultServer
 
-from pipeline import commit, download_shard, ray_seam, shards
 from pipeline.config import load_config
-from pipeline.download import expand_input, plan_shards
+from pipeline.download import shard as download_shard
+from pipeline.download.planner import expand_input, plan_shards
+from pipeline.runtime import ray_seam
+from pipeline.storage import commit, shards
 
 pytestmark = pytest.mark.slow
 BUCKET = "laion"  # made by the s3 fixture (tests/conftest.py)

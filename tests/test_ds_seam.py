@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline import ds_seam
 from pipeline.config import PriorConfig
+from pipeline.runtime import ds_seam
 
 
 def test_ds_config_follows_typed_config():

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.dvae import DVAE, DVAEShape, load_dvae, save_dvae, temperature_at
-from pipeline.train_dvae import ShardStream, choose_heldout
+from pipeline.dvae.model import DVAE, DVAEShape, load_dvae, save_dvae, temperature_at
+from pipeline.dvae.train import ShardStream, choose_heldout
 
 
 def test_shapes_and_grid():

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 dall_e = pytest.importorskip("dall_e")  # dev extra: builds files in OpenAI's format with OpenAI's own classes
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dvae import load_dvae, save_dvae  # noqa: E402
-from pipeline.dvae_openai import import_weights, load_openai, preprocess, read_dall_e_module  # noqa: E402
+from pipeline.dvae.model import load_dvae, save_dvae  # noqa: E402
+from pipeline.dvae.openai import import_weights, load_openai, preprocess, read_dall_e_module  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 512
@@ -100,7 +100,7 @@ def test_loader_does_not_need_dall_e(openai_files, tmp_path):
     script = (
         "import sys; sys.modules['dall_e'] = None\n"  # any 'import dall_e' now raises ImportError
         "import torch\n"
-        "from pipeline.dvae_openai import load_openai\n"
+        "from pipeline.dvae.openai import load_openai\n"
         "try:\n    import dall_e\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('dall_e importable')\n"
         f"m = load_openai({enc_path!r}, {dec_path!r})\n"
         "assert not any(k == 'dall_e' or k.startswith('dall_e.') for k, v in sys.modules.items() if v is not None)\n"

@@ -11,11 +11,13 @@ import tarfile
 import pytest
 import torch
 
-from pipeline import commit, ds_seam, stages
-from pipeline import train_dvae as td
+from pipeline import stages
 from pipeline.config import load_config
-from pipeline.data import synth
-from pipeline.dvae import load_dvae
+from pipeline.demo import synth
+from pipeline.dvae import train as td
+from pipeline.dvae.model import load_dvae
+from pipeline.runtime import ds_seam
+from pipeline.storage import commit
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import commit, schema, shards
+from pipeline.storage import commit, schema, shards
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_report_has_pictures_and_figures(demo_run):
 
 
 def test_html_report_renders_in_headless_chromium_with_every_image(demo_run, tmp_path):
-    from pipeline.report_html import render_check
+    from pipeline.report.html import render_check
 
     run, _ = demo_run
     html = run / "report" / "report.html"

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import commit, schema
 from pipeline.config import Config
-from pipeline.eval_prior import (
+from pipeline.prior.eval import (
     CELL,
     LABEL_W,
     PAD,
@@ -23,7 +22,8 @@ from pipeline.eval_prior import (
     heldout_mask,
     retrieval_grid,
 )
-from pipeline.tokenize import write_token_shard
+from pipeline.storage import commit, schema
+from pipeline.tokenize.encode import write_token_shard
 
 D, GRID, TEXT_VOCAB = 16, 2, 49408
 META = {

@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import commit, export, schema
-from pipeline.tokenize import write_token_shard
+from pipeline.storage import commit, schema
+from pipeline.tokenize import export
+from pipeline.tokenize.encode import write_token_shard
 
 D, GRID = 32, 4
 SHARD_ROWS = {0: 40, 1: 25, 2: 33}
-# Shaped like pipeline.tokenize.Encoder.metadata(); only grid, embed_dim and the SHARED_META fields matter here.
+# Shaped like pipeline.tokenize.encode.Encoder.metadata(); only grid, embed_dim and the SHARED_META fields matter here.
 META = {
     "schema_version": schema.SCHEMA_VERSION, "grid": GRID, "embed_dim": D,
     "dvae": {"path": "dvae.pt", "sha256": "d" * 64, "vocab_size": 8192,

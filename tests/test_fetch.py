@@ -10,8 +10,8 @@ import pytest
 from faultserver import CanaryServer, FaultServer
 
 from pipeline.config import load_config
-from pipeline.download_shard import _fetch_one, image_processor
-from pipeline.fetch import AddressPolicy, FetchLimits, fetch
+from pipeline.download.fetch import AddressPolicy, FetchLimits, fetch
+from pipeline.download.shard import _fetch_one, image_processor
 
 DEADLINE = 2.0
 EXPECTED = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imaging import ImageLimits, ImageProcessor
+from pipeline.download.imaging import ImageLimits, ImageProcessor
 
 
 def photo(w: int, h: int, seed: int = 0) -> bytes:

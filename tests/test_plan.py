@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline import plan as planmod
+from pipeline import capacity as planmod
 from pipeline.config import load_config
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.prior import DalleTransformer, PriorShape, attention_mask, drop_captions, pad_text
+from pipeline.prior.transformer import DalleTransformer, PriorShape, attention_mask, drop_captions, pad_text
 
 SHAPE = PriorShape(text_vocab=50, text_len=6, image_vocab=16, image_grid=3, n_layer=2, n_head=2, n_embd=16)
 SPARSE = PriorShape(text_vocab=50, text_len=5, image_vocab=16, image_grid=4, n_layer=3, n_head=2, n_embd=16,

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import commit, prior_data, schema
-from pipeline.prior import pad_text
-from pipeline.prior_data import DataError, DataPlan, TokenLoader, check_plan, make_plan
+from pipeline.prior import loader as prior_data
+from pipeline.prior.loader import DataError, DataPlan, TokenLoader, check_plan, make_plan
+from pipeline.prior.transformer import pad_text
+from pipeline.storage import commit, schema
 
 GRID, TEXT_VOCAB, IMAGE_VOCAB = 2, 100, 50
 META = {"schema_version": schema.SCHEMA_VERSION, "grid": GRID, "embed_dim": 4, "dvae": {"vocab_size": IMAGE_VOCAB},

@@ -6,9 +6,8 @@ import os
 import pytest
 import torch
 
-from pipeline.config_prior import PRIOR_SIZES
-from pipeline.prior import DalleTransformer, PriorShape
-from pipeline.prior_metrics import (
+from pipeline.config.prior import PRIOR_SIZES
+from pipeline.prior.metrics import (
     MetricsLog,
     device_peak_tflops,
     flops_per_token,
@@ -18,6 +17,7 @@ from pipeline.prior_metrics import (
     prior_flops_per_sample,
     read_metrics,
 )
+from pipeline.prior.transformer import DalleTransformer, PriorShape
 
 
 def test_flops_per_token_small_by_hand():

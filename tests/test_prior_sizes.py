@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import PRIOR_SIZES, ConfigError, load_config
-from pipeline.prior import DalleTransformer, PriorShape
+from pipeline.prior.transformer import DalleTransformer, PriorShape
 
 NOMINAL = {"350m": 0.35e9, "1.3b": 1.3e9, "4b": 4.0e9, "12b": 12.0e9}
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import ds_seam, tokenize
 from pipeline.config import load_config
-from pipeline.prior_ckpt import export_weights, find_resume
-from pipeline.prior_data import DataError, make_plan
+from pipeline.prior.checkpoints import export_weights, find_resume
+from pipeline.prior.loader import DataError, make_plan
+from pipeline.runtime import ds_seam
+from pipeline.tokenize import encode as tokenize
 
 REPO = Path(__file__).resolve().parent.parent
 GRID, IMAGE_VOCAB, TEXT_VOCAB = 4, 16, 50
@@ -143,14 +144,14 @@ def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
     got = losses(out)
     assert got[16] < got[1] * 0.85
     assert json.loads((out / "step00000016" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
-    from pipeline.train_prior import load_prior
+    from pipeline.prior.train import load_prior
 
     model, meta = load_prior(str(out / "model.pt"))  # weights gathered from the ZeRO-3 shards
     assert meta["grid"] == GRID and sum(p.numel() for p in model.parameters()) > 10_000
     exported, _ = load_prior(export_weights(str(out)))  # offline, from the sharded checkpoint on disk
     for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
-    from pipeline.prior import pad_text  # sampling on one process from what two ZeRO-3 ranks saved
+    from pipeline.prior.transformer import pad_text  # sampling on one process from what two ZeRO-3 ranks saved
 
     codes = exported.generate(pad_text([[1, 20]], 4, TEXT_VOCAB), top_k=4, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (1, GRID * GRID) and int(codes.max()) < IMAGE_VOCAB
@@ -158,7 +159,7 @@ def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
 
 @pytest.mark.slow
 def test_export_of_any_checkpoint_without_deepspeed_ranks(reference):
-    from pipeline.train_prior import load_prior
+    from pipeline.prior.train import load_prior
 
     final, _ = load_prior(str(reference / "model.pt"))
     last, _ = load_prior(export_weights(str(reference)))
@@ -196,7 +197,7 @@ def test_resume_onto_data_of_another_grid_is_refused(tmp_path, tokens):
              "n_head": 2, "n_embd": 32, "dropout": 0.0, "attention": [], "conv_kernel": 11}
     (out / "step00000004" / "train_state.json").write_text(json.dumps({"step": 4, "shape": shape,
                                                                        "data_plan": plan.to_json()}))
-    from pipeline.train_prior import train
+    from pipeline.prior.train import train
 
     with pytest.raises(DataError, match="model shape \\['image_grid'\\] differs"):
         train(cfg, 0, 1)
@@ -215,7 +216,7 @@ def test_diffusion_prior_trains_on_two_ranks_and_resumes_exactly(tmp_path, token
     assert rows[-1]["loss"] < rows[0]["loss"] and all(0 < r["valid"] <= 16 for r in rows)
     assert max(r["unusable_rows_read"] for r in rows) >= 1  # the NaN / zero rows were seen, and masked
     assert 0 <= rows[-1]["cos"] <= 1 and rows[-1]["mfu"] > 0
-    from pipeline.eval_prior import heldout_mask
+    from pipeline.prior.eval import heldout_mask
 
     trained = {line.split("\t")[1] for r in range(2) for line in (ref_out / f"keys.rank{r}.txt").read_text().split(
         "\n") if line}
@@ -228,7 +229,7 @@ def test_diffusion_prior_trains_on_two_ranks_and_resumes_exactly(tmp_path, token
     assert keys(out) == keys(ref_out)
     ref_l, got = losses(ref_out), losses(out)
     assert max(abs(got[s] - ref_l[s]) for s in ref_l) < 1e-6
-    from pipeline.diffusion_prior import load_diffusion_prior
+    from pipeline.prior.diffusion import load_diffusion_prior
 
     model, meta = load_diffusion_prior(str(out / "model.pt"))  # EMA weights, loadable without DeepSpeed
     exported, _ = load_diffusion_prior(export_weights(str(out)))

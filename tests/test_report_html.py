@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import report_html
-from pipeline.report_html import INSTALL_HINT, convert, find_chromium, render_check, write_html
+from pipeline.report import html as report_html
+from pipeline.report.html import INSTALL_HINT, convert, find_chromium, render_check, write_html
 
 REPORT_MD = """# Run report
 

@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import clip as clip_lib
-from pipeline import sample as sample_lib
-from pipeline import stages, tokenize
+from pipeline import stages
+from pipeline.clip import model as clip_lib
 from pipeline.config import ClipConfig, load_config
-from pipeline.data import synth
-from pipeline.dvae import DVAE, DVAEShape, save_dvae
-from pipeline.prior import DalleTransformer, PriorShape, _sample, pad_text
+from pipeline.demo import synth
+from pipeline.dvae.model import DVAE, DVAEShape, save_dvae
+from pipeline.prior.transformer import DalleTransformer, PriorShape, _sample, pad_text
+from pipeline.sample import core as sample_lib
+from pipeline.tokenize import encode as tokenize
 
 BPE_VOCAB, GRID, CODES, TEXT_LEN = 49408, 4, 16, 8
 DVAE_SHAPE = DVAEShape(vocab_size=CODES, n_hid=8, group_count=3, n_blk_per_group=1, n_init=16)  # 16 px → 4x4
@@ -99,7 +100,7 @@ def test_resolve_captions_reads_files_and_falls_back(tmp_path, caplog):
     assert sample_lib.resolve_captions([], fallback, limit=2) == ["h1", "h2"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    with caplog.at_level(logging.WARNING, logger="pipeline.sample"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sample.core"):
         assert sample_lib.resolve_captions([str(empty)], fallback, limit=5) == ["h1", "h2", "h3"]
         assert sample_lib.resolve_captions([str(tmp_path / "missing.txt")], fallback, 5) == [
             str(tmp_path / "missing.txt")]
@@ -109,7 +110,7 @@ def test_resolve_captions_reads_files_and_falls_back(tmp_path, caplog):
 def test_encode_captions_truncates_with_a_warning_naming_the_caption(caplog):
     bpe = clip_lib.open_clip.get_tokenizer("ViT-B-32")
     long = "a small red circle in the top left corner of a big blue background with a yellow border"
-    with caplog.at_level(logging.WARNING, logger="pipeline.sample"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sample.core"):
         ids, stats = sample_lib.encode_captions(bpe, ["a red circle", "", long], TEXT_LEN)
     assert stats == {"empty_captions": 1, "truncated_captions": 1}
     assert ids[1] == [] and len(ids[2]) == TEXT_LEN and ids[2] == bpe.encode(long)[:TEXT_LEN]
@@ -304,7 +305,7 @@ def test_load_sampler_prior_refuses_vocabularies_that_disagree(tmp_path):
 
 
 def test_load_sampler_prior_exports_a_deepspeed_checkpoint_folder(tmp_path, monkeypatch):
-    from pipeline import prior_ckpt
+    from pipeline.prior import checkpoints as prior_ckpt
 
     prior_dir = tmp_path / "run" / "prior"
     tag_dir = prior_dir / "step00000004"

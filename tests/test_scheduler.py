@@ -7,7 +7,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from pipeline import ray_seam
+from pipeline.runtime import ray_seam
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import commit, schema
-from pipeline.tokenize import write_token_shard
+from pipeline.storage import commit, schema
+from pipeline.tokenize.encode import write_token_shard
 
 META = {"schema_version": "1", "grid": 2, "embed_dim": 4, "dvae": {"sha256": "a"}, "clip": {"arch": "x"},
         "tokenizer": {"id": "bpe", "vocab_size": 100}, "preprocess": {"image_size": 8}}

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.data import synth
+from pipeline.demo import synth
 
 
 def test_deterministic_and_heldout_disjoint():

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_tiny_models
 
-from pipeline import commit, ray_seam, schema, shards
 from pipeline.config import load_config
+from pipeline.runtime import ray_seam
 from pipeline.stages import encoder_spec
+from pipeline.storage import commit, schema, shards
 
 pytestmark = pytest.mark.slow
 

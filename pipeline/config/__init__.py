@@ -1,0 +1,19 @@
+"""Typed run configuration: one ``Config`` per run, loaded from YAML plus ``dotted.key=value`` overrides and
+validated before any work (an unknown key, a wrong type or an out-of-range value raises ``ConfigError`` naming the
+dotted key)."""
+
+from pipeline.config.checks import ConfigError
+from pipeline.config.prior import ATTENTION_KINDS, PRIOR_SIZES, PriorConfig
+from pipeline.config.root import Config, apply_overrides, load_config, parse_override, to_dict
+from pipeline.config.sections import (
+    ClipConfig,
+    DataConfig,
+    DownloadConfig,
+    DVAEConfig,
+    SampleConfig,
+    TokenizeConfig,
+)
+
+__all__ = ["ATTENTION_KINDS", "PRIOR_SIZES", "ClipConfig", "Config", "ConfigError", "DataConfig", "DownloadConfig",
+           "DVAEConfig", "PriorConfig", "SampleConfig", "TokenizeConfig", "apply_overrides", "load_config",
+           "parse_override", "to_dict"]

@@ -1,0 +1,291 @@
+"""The stage sections of the run configuration: the embedded dataset, download, dVAE, CLIP, tokenize and sample.
+
+Each section validates its own keys in ``__post_init__`` (``ConfigError`` naming the dotted key);
+``pipeline.config.prior`` holds the prior's section, ``pipeline.config.root`` the root ``Config`` and the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config.checks import ConfigError
+from pipeline.config.checks import check as _check
+
+
+@dataclass
+class DataConfig:
+    """The embedded default dataset (shapes × colours × positions × backgrounds, captioned in words)."""
+
+    num_images: int = 2400
+    """Images generated for the URL list (the download stage fetches them over loopback HTTP)."""
+    heldout_fraction: float = 0.1
+    """Fraction of caption combinations kept out of training and used only for sampling."""
+    render_size: int = 64
+    """Pixel size of the served images (the download stage resizes them)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_images > 0, "data.num_images", "must be > 0")
+        _check(0.0 < self.heldout_fraction < 0.5, "data.heldout_fraction", "must be in (0, 0.5)")
+        _check(self.render_size >= 16, "data.render_size", "must be >= 16")
+
+
+@dataclass
+class DownloadConfig:
+    """URL list → resized image shards (img2dataset pieces on Ray tasks)."""
+
+    input: str = ""
+    """URL list: file, folder or glob; parquet/csv/tsv/jsonl; local or s3://. Empty: the demo's list."""
+    url_col: str = "url"
+    caption_col: str = "caption"
+    output: str = ""
+    """Shard folder; empty means <run_dir>/images."""
+    shard_size: int = 1000
+    image_size: int = 32
+    resize_mode: str = "center_crop"
+    output_format: str = "webdataset"
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    thread_count: int = 16
+    timeout: float = 10.0
+    """Bound on one connect or one socket read, in seconds."""
+    deadline: float = 30.0
+    """Bound on the whole fetch of one URL (redirects, retries and waits included), in seconds."""
+    retries: int = 2
+    """Extra attempts per URL after a transient failure (5xx, 429, reset, truncated), inside the deadline."""
+    shard_retries: int = 2
+    """Whole-shard retries after a shard task failed."""
+    max_in_flight: int = 4
+    """Shard tasks submitted at once (backpressure)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each shard task asks for, e.g. {download: 1} to keep downloads on the nodes that
+    advertise it (cluster/config.yaml's CPU workers, which run the caching DNS resolver). Empty: any CPU."""
+    max_bytes: int = 32 * 1024 * 1024
+    """Body size cap per URL."""
+    max_redirects: int = 5
+    max_pixels: int = 50_000_000
+    """Pixel cap, checked from the image header before decoding (decompression bombs)."""
+    min_image_size: int = 0
+    """Drop images whose shorter side is smaller (0: keep all)."""
+    max_aspect_ratio: float = 0.0
+    """Drop images whose long/short side ratio is larger (0: no limit)."""
+    max_caption_bytes: int = 4096
+    drop_empty_captions: bool = True
+    honor_opt_out: bool = True
+    """Skip images served with X-Robots-Tag noai / noimageai."""
+    dedup_urls: bool = True
+    """A URL seen earlier in the input becomes a duplicate_url row instead of a second download."""
+    dedup_images: bool = True
+    """An image whose bytes (sha256) were already kept in this run becomes a duplicate_image row."""
+    allow_private_addresses: bool = False
+    """Let URLs reach loopback/private/link-local addresses (tests, internal mirrors). Off: SSRF guard."""
+    allowed_addresses: list[str] = field(default_factory=list)
+    """Exceptions to the SSRF guard: CIDR ('10.1.0.0/16'), 'ip:port' or '[v6]:port'."""
+    retry_failed: bool = False
+    """Re-fetch only rows that failed transiently, into new shards (`python -m pipeline download --retry-failed`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.shard_size > 0, "download.shard_size", "must be > 0")
+        _check(self.image_size >= 8, "download.image_size", "must be >= 8")
+        _check(self.resize_mode in {"no", "border", "keep_ratio", "center_crop"}, "download.resize_mode",
+               "must be one of no, border, keep_ratio, center_crop")
+        _check(self.output_format in {"webdataset", "parquet"}, "download.output_format",
+               "must be 'webdataset' or 'parquet'")
+        _check(self.encode_format in {"jpg", "png", "webp"}, "download.encode_format", "must be jpg, png or webp")
+        _check(1 <= self.encode_quality <= 100, "download.encode_quality", "must be in [1, 100]")
+        _check(self.thread_count > 0, "download.thread_count", "must be > 0")
+        _check(self.timeout > 0, "download.timeout", "must be > 0")
+        _check(self.retries >= 0, "download.retries", "must be >= 0")
+        _check(self.shard_retries >= 0, "download.shard_retries", "must be >= 0")
+        _check(self.max_in_flight > 0, "download.max_in_flight", "must be > 0")
+        for name, amount in self.resources.items():
+            _check(name not in {"CPU", "GPU", "memory"} and amount > 0, f"download.resources.{name}",
+                   "must be a custom resource (not CPU/GPU/memory) with an amount > 0")
+        _check(self.deadline > 0, "download.deadline", "must be > 0")
+        _check(self.max_bytes > 0, "download.max_bytes", "must be > 0")
+        _check(self.max_redirects >= 0, "download.max_redirects", "must be >= 0")
+        _check(self.max_pixels > 0, "download.max_pixels", "must be > 0")
+        _check(self.min_image_size >= 0, "download.min_image_size", "must be >= 0")
+        _check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1, "download.max_aspect_ratio",
+               "must be 0 (no limit) or >= 1")
+        _check(self.max_caption_bytes > 0, "download.max_caption_bytes", "must be > 0")
+        from pipeline.download.fetch import AddressPolicy  # the entries' syntax lives with the guard that uses it
+
+        try:
+            AddressPolicy(False, self.allowed_addresses)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'download.allowed_addresses': {exc}") from exc
+
+
+@dataclass
+class DVAEConfig:
+    """DALL-E stage-one discrete VAE (Gumbel-softmax relaxation, KL to a uniform prior)."""
+
+    vocab_size: int = 128
+    n_hid: int = 32
+    group_count: int = 3
+    """Downsampling is 2 ** (group_count - 1): 3 groups turn 32x32 into an 8x8 grid."""
+    n_blk_per_group: int = 1
+    n_init: int = 128
+    """Width of the decoder's first 1x1 convolution (OpenAI: 128)."""
+    recon: str = "logit_laplace"
+    """Reconstruction cost: logit_laplace (DALL-E's), mse or bce."""
+    input_noise: float = 0.0
+    """Std of Gaussian noise added to the encoder's input while training (denoising); 0 turns it off."""
+    kl_warmup_steps: int = 0
+    """Steps over which the KL weight ramps linearly from 0 to kl_weight."""
+    weights: str = ""
+    """Empty: train our own. 'openai': load OpenAI's dall_e encoder_path/decoder_path. Else: our dvae.pt to use."""
+    encoder_path: str = ""
+    """OpenAI encoder.pkl (local path or http(s) URL), for weights: openai."""
+    decoder_path: str = ""
+    """OpenAI decoder.pkl (local path or http(s) URL), for weights: openai."""
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    temp_start: float = 1.0
+    temp_end: float = 0.0625
+    kl_weight: float = 1e-3
+    output: str = ""
+    """Checkpoint folder; empty means <run_dir>/dvae."""
+    num_procs: int = 1
+    """Ranks started by the deepspeed launcher (CPU ranks on a CPU machine); batch_size is split between them."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0, 1 or 2 (the dVAE is small; stage 3 is not offered)."""
+    bf16: bool = False
+    warmup_steps: int = 10
+    """Learning-rate warm-up steps before the cosine decay to lr / 20."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines (and TensorBoard scalars): losses averaged over the steps and ranks."""
+    save_every: int = 250
+    """Steps between DeepSpeed checkpoints (one is always written at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Newest complete checkpoints kept in the output folder; 0 keeps every one."""
+    resume: bool = True
+    """Continue from the output folder's latest complete checkpoint if it has one; false starts over (and deletes
+    the folder's earlier checkpoints, metrics and weights)."""
+    grid_every: int = 100
+    """Steps between held-out reconstruction grids recon_step{N:06d}.png and evaluations; 0: only at the end."""
+    heldout_images: int = 64
+    """Images held out of training for evaluation (MSE, PSNR, codebook usage) and the grids; at most a fifth of
+    the images. 0: no evaluation."""
+    window_shards: int = 4
+    """Rows are shuffled within windows of this many shards (each rank keeps about two windows of shards read)."""
+    stop_after_steps: int = 0
+    """Stop (checkpointed, resumable) after this many steps, e.g. to fit a time slot; 0: train to steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_procs > 0, "dvae.num_procs", "must be > 0")
+        _check(self.batch_size % self.num_procs == 0, "dvae.batch_size", "must be divisible by dvae.num_procs")
+        _check(self.zero_stage in (0, 1, 2), "dvae.zero_stage", "must be 0, 1 or 2")
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "grid_every", "heldout_images",
+                     "stop_after_steps"):
+            _check(getattr(self, name) >= 0, f"dvae.{name}", "must be >= 0")
+        _check(self.log_every > 0, "dvae.log_every", "must be > 0")
+        _check(self.window_shards > 0, "dvae.window_shards", "must be > 0")
+        _check(2 <= self.vocab_size <= 65535, "dvae.vocab_size", "must be in [2, 65535] (stored as uint16)")
+        _check(self.n_hid > 0, "dvae.n_hid", "must be > 0")
+        _check(self.group_count >= 1, "dvae.group_count", "must be >= 1")
+        _check(self.n_blk_per_group >= 1, "dvae.n_blk_per_group", "must be >= 1")
+        _check(self.steps > 0, "dvae.steps", "must be > 0")
+        _check(self.batch_size > 0, "dvae.batch_size", "must be > 0")
+        _check(self.lr > 0, "dvae.lr", "must be > 0")
+        _check(0 < self.temp_end <= self.temp_start, "dvae.temp_end", "must be in (0, temp_start]")
+        _check(self.kl_weight >= 0, "dvae.kl_weight", "must be >= 0")
+        _check(self.n_init > 0, "dvae.n_init", "must be > 0")
+        _check(self.recon in ("logit_laplace", "mse", "bce"), "dvae.recon", "must be logit_laplace, mse or bce")
+        _check(self.input_noise >= 0, "dvae.input_noise", "must be >= 0")
+        _check(self.kl_warmup_steps >= 0, "dvae.kl_warmup_steps", "must be >= 0")
+        _check(self.weights != "openai" or bool(self.encoder_path and self.decoder_path), "dvae.weights",
+               "'openai' needs dvae.encoder_path and dvae.decoder_path (OpenAI's encoder.pkl / decoder.pkl)")
+
+
+@dataclass
+class ClipConfig:
+    """A small open_clip CLIP trained on the run's images (or a named open_clip model)."""
+
+    model: str = ""
+    """open_clip model name (``ViT-B-32``) or ``local-dir:<folder>``; empty trains a small CLIP into <run_dir>/clip."""
+    pretrained: str = ""
+    """open_clip pretrained tag or weights file, for a named model."""
+    embed_dim: int = 64
+    width: int = 128
+    layers: int = 2
+    patch_size: int = 8
+    context_length: int = 24
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    output: str = ""
+    """Checkpoint folder; empty means <run_dir>/clip."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "width", "layers", "patch_size", "context_length", "steps", "batch_size"):
+            _check(getattr(self, name) > 0, f"clip.{name}", "must be > 0")
+        _check(self.width % 32 == 0, "clip.width", "must be a multiple of 32 (head width)")
+        _check(self.lr > 0, "clip.lr", "must be > 0")
+
+
+@dataclass
+class TokenizeConfig:
+    """Image shards → token shards (one Parquet row per sample)."""
+
+    input: str = ""
+    """Image shard folder; empty means the download output."""
+    output: str = ""
+    """Token shard folder; empty means <run_dir>/tokens."""
+    batch_size: int = 64
+    num_encoders: int = 1
+    """Encoder actors in the Ray Data actor pool."""
+    export: str = ""
+    """Where `python -m pipeline export` writes the clip-retrieval layout; empty means <run_dir>/clip_retrieval."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "tokenize.batch_size", "must be > 0")
+        _check(self.num_encoders > 0, "tokenize.num_encoders", "must be > 0")
+
+
+@dataclass
+class SampleConfig:
+    """Captions → images: KV-cached sampling, dVAE decode, CLIP rerank."""
+
+    captions: list[str] = field(default_factory=list)
+    """Captions to draw (an entry naming an existing file adds its lines); empty means the run's held-out captions."""
+    num_captions: int = 24
+    candidates: int = 8
+    """Samples drawn per caption; CLIP keeps the best."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 disables top-k filtering."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1 disables it."""
+    keep: int = 1
+    """Candidates kept per caption after the CLIP rerank (best first)."""
+    num_workers: int = 1
+    """Ray actors the captions are spread over (a GPU each when the cluster has them); 1 draws in this process."""
+    checkpoint: str = ""
+    """Prior weights: a model.pt, or a DeepSpeed checkpoint folder (<prior>/step00000600, any ZeRO stage and world
+    size); empty means <prior>/model.pt."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance: logits = uncond + scale × (cond − uncond); 1 is plain conditional sampling (needs a
+    prior trained with prior.caption_dropout > 0 to mean anything above 1)."""
+    diffusion_sampler: str = "ddim"
+    """Diffusion prior: ddim (deterministic) or ddpm (ancestral)."""
+    diffusion_steps: int = 64
+    diffusion_candidates: int = 2
+    """Diffusion prior: image embeddings drawn per caption; the one closest to the text embedding is kept."""
+    seed: int = 0
+    output: str = ""
+    """Report folder; empty means <run_dir>/report."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_captions > 0, "sample.num_captions", "must be > 0")
+        _check(self.candidates > 0, "sample.candidates", "must be > 0")
+        _check(self.temperature > 0, "sample.temperature", "must be > 0")
+        _check(self.top_k >= 0, "sample.top_k", "must be >= 0")
+        _check(self.guidance_scale >= 0, "sample.guidance_scale", "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
+        _check(self.num_workers > 0, "sample.num_workers", "must be > 0")
+        _check(0 < self.keep <= self.candidates, "sample.keep", "must be in [1, sample.candidates]")
+        _check(self.diffusion_sampler in ("ddim", "ddpm"), "sample.diffusion_sampler", "must be ddim or ddpm")
+        _check(self.diffusion_steps > 0 and self.diffusion_candidates > 0, "sample.diffusion_steps",
+               "diffusion_steps and diffusion_candidates must be > 0")

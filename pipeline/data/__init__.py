@@ -1,1 +1,0 @@
-"""The embedded default dataset and the loopback server that serves it."""

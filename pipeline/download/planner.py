@@ -1,0 +1,205 @@
+"""URL list → shard plans: input files found and checked, split by img2dataset's Reader, duplicate URLs found.
+
+``pipeline.download.shard`` turns one plan into one committed shard; ``pipeline.runtime.ray_seam`` schedules the plans
+as Ray tasks. What this adds around img2dataset's Reader: errors that name the file (and row, for non-UTF-8 text),
+settings fingerprinted by content so a changed list is refused before any write, and run-wide URL de-duplication
+decided here, once, in input order, so every rerun makes the same decision.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from img2dataset.reader import Reader
+
+from pipeline.config import DownloadConfig
+from pipeline.download.shard import OOM_SHARD_COUNT, ShardPlan
+from pipeline.storage import commit
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
+
+
+class InputError(ValueError):
+    """The URL list cannot be read; the message names the file and the reason."""
+
+
+def input_format(path: str) -> str:
+    """img2dataset's input_format for a file name: parquet, csv, tsv, jsonl, json, optionally with .gz."""
+    name = path.lower()
+    gz = name.endswith(".gz")
+    base = name[:-3] if gz else name
+    for fmt in FORMATS:
+        if base.endswith("." + fmt):
+            if fmt == "parquet" and gz:
+                break
+            return fmt + (".gz" if gz else "")
+    raise InputError(f"{path}: unsupported URL list format (expected one of {', '.join(FORMATS)}, optionally .gz)")
+
+
+def expand_input(spec: str) -> list[str]:
+    """A file, a folder (every supported file in it) or a glob → sorted list of files, local or remote."""
+    if not spec:
+        raise InputError("download.input is empty: give a URL list file, folder or glob")
+    fs, path = commit.fs_and_path(spec)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    if globlib.has_magic(path):
+        files = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if _supported(p))
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise InputError(f"{spec}: no such file or folder")
+    files = [prefix + p for p in files if fs.isfile(p)]
+    if not files:
+        raise InputError(f"{spec}: no URL list files found")
+    for f in files:
+        input_format(f)
+    return files
+
+
+def _supported(path: str) -> bool:
+    try:
+        input_format(path)
+        return True
+    except InputError:
+        return False
+
+
+def shard_settings(cfg: DownloadConfig, files: list[str]) -> dict[str, Any]:
+    """What shapes the shards' content; a rerun with different values is refused before any write.
+
+    Input files are fingerprinted by content (sha256), so a reordered or edited list is caught, not just a resized one.
+    Network knobs (threads, timeouts, retries) are left out: changing them on resume is fine.
+    """
+    return {
+        "input_files": {f: _content_hash(f) for f in files}, "url_col": cfg.url_col, "caption_col": cfg.caption_col,
+        "shard_size": cfg.shard_size, "image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
+        "output_format": cfg.output_format, "encode_format": cfg.encode_format, "encode_quality": cfg.encode_quality,
+        "filters": {k: getattr(cfg, k) for k in ("max_pixels", "min_image_size", "max_aspect_ratio",
+                                                  "max_caption_bytes", "drop_empty_captions", "honor_opt_out",
+                                                  "dedup_urls", "dedup_images")},
+    }
+
+
+def _content_hash(path: str) -> str:
+    fs, p = commit.fs_and_path(path)
+    try:
+        return commit.sha256_file(fs, p)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read URL list ({exc})") from exc
+
+
+def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int],
+                plan_dir: str) -> tuple[list[ShardPlan], int]:
+    """Split the URL list into shards with img2dataset's Reader (arrow files in ``plan_dir``), skipping ``done``.
+
+    Returns the plans still to run and the number of shards the whole list makes.
+
+    ``plan_dir`` should sit beside the output (local or s3://) so every node of a cluster can read the plans.
+    """
+    fs, pd_path = commit.fs_and_path(plan_dir)
+    fs.makedirs(pd_path, exist_ok=True)
+    plans: list[ShardPlan] = []
+    next_id = 0
+    dups: dict[int, dict[int, str]] = {}
+    hashes: list[tuple[int, np.ndarray]] = []
+    for f in files:
+        _check_columns(f, cfg)
+        try:
+            reader = Reader(f, input_format(f), cfg.url_col, cfg.caption_col or None, None, None, None,
+                            cfg.shard_size, done, plan_dir, next_id)
+            shards, count = reader._save_to_arrow(f, next_id)  # one file at a time keeps ids contiguous
+        except KeyError as exc:
+            raise InputError(f"{f}: column {exc} not found (set download.url_col / download.caption_col)") from exc
+        except Exception as exc:  # noqa: BLE001 — surface pandas/pyarrow parse errors with the file name and row
+            raise InputError(f"{f}: cannot read URL list ({type(exc).__name__}: {exc}){_bad_utf8_line(f)}") from exc
+        if cfg.dedup_urls:
+            hashes.append((next_id, _url_hashes(f, cfg)))
+        plans += [ShardPlan(sid, path) for sid, path in shards]
+        next_id += count
+    if cfg.dedup_urls:
+        dups = duplicate_urls(hashes, cfg.shard_size)
+    for plan in plans:
+        plan.duplicates = dups.get(plan.shard_id, {})
+    return sorted(plans, key=lambda p: p.shard_id), next_id
+
+
+def _url_hashes(path: str, cfg: DownloadConfig) -> np.ndarray:
+    """64-bit hashes of the URL column, in row order (the Reader's order)."""
+    import pandas as pd
+
+    fs, p = commit.fs_and_path(path)
+    fmt = input_format(path)
+    with fs.open(p, "rb", compression="gzip" if fmt.endswith(".gz") else None) as f:
+        if fmt == "parquet":
+            col = pq.read_table(f, columns=[cfg.url_col]).column(0)
+        elif fmt.startswith(("csv", "tsv")):
+            parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",")
+            col = pa_csv.read_csv(f, parse_options=parse,
+                                  convert_options=pa_csv.ConvertOptions(include_columns=[cfg.url_col])).column(0)
+        elif fmt.startswith("jsonl"):
+            col = pa_json.read_json(f).column(cfg.url_col)
+        else:  # json arrays: the Reader itself goes through pandas
+            col = pa.array(pd.read_json(f)[cfg.url_col].tolist())
+    urls = np.asarray(col.to_pylist(), dtype=object)
+    return pd.util.hash_array(urls.astype(str)).astype(np.uint64)
+
+
+def duplicate_urls(hashes: list[tuple[int, np.ndarray]], shard_size: int) -> dict[int, dict[int, str]]:
+    """shard id → {row index: key of the first row with that URL}; first in input order wins (rerun-stable)."""
+    from img2dataset.downloader import compute_key
+
+    if not hashes:
+        return {}
+    shard_of = np.concatenate([start + np.arange(len(h)) // shard_size for start, h in hashes])
+    row_of = np.concatenate([np.arange(len(h)) % shard_size for _, h in hashes])
+    _, first, inverse = np.unique(np.concatenate([h for _, h in hashes]), return_index=True, return_inverse=True)
+    owner = first[inverse]
+    oom = math.ceil(math.log10(shard_size)) if shard_size > 1 else 1
+    out: dict[int, dict[int, str]] = {}
+    for i in np.nonzero(owner != np.arange(len(owner)))[0]:
+        j = owner[i]
+        out.setdefault(int(shard_of[i]), {})[int(row_of[i])] = compute_key(int(row_of[j]), int(shard_of[j]), oom,
+                                                                            OOM_SHARD_COUNT)
+    return out
+
+
+def _bad_utf8_line(path: str) -> str:
+    """' (first non-UTF-8 bytes at line N)' when that is why a text list failed to parse, else ''."""
+    if input_format(path).startswith("parquet"):
+        return ""
+    fs, p = commit.fs_and_path(path)
+    try:
+        with fs.open(p, "rb", compression="gzip" if path.endswith(".gz") else None) as f:
+            for n, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f" (row {n - 1}, line {n}: bytes that are not UTF-8 at column {exc.start})"
+    except OSError:
+        return ""
+    return ""
+
+
+def _check_columns(path: str, cfg: DownloadConfig) -> None:
+    """Name a missing url/caption column before img2dataset's reader fails on it less clearly."""
+    if input_format(path) != "parquet":
+        return  # text formats: img2dataset raises KeyError, turned into the same message by plan_shards
+    fs, p = commit.fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            names = pq.read_schema(f).names
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
+    for key, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
+        if col and col not in names:
+            raise InputError(f"{path}: column '{col}' not found (set download.{key}; columns: {', '.join(names)})")

@@ -1,0 +1,339 @@
+"""The DeepSpeed seam: the ds_config built from the typed config, the launcher, engine set-up, and checkpoints.
+
+Only this module (and jobs/) imports deepspeed. Checkpoints follow the commit protocol: DeepSpeed's own ``latest``
+file is not used (it is written before the ranks finish); after a barrier, rank 0 writes ``complete.json`` in the tag
+folder and then the ``latest_complete`` pointer. Resume trusts only that pointer and refuses a load that finds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from pipeline.config import PriorConfig
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, warmup_steps: int, zero_stage: int,
+              bf16: bool, on_gpu: bool, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.01,
+              gradient_clipping: float = 1.0, min_lr_ratio: float = 0.1) -> dict[str, Any]:
+    """The ds_config of any model we train: AdamW, warm-up then cosine decay to ``min_lr_ratio``, ZeRO, bf16.
+
+    A pure function of its arguments; ``gradient_clipping`` 0 turns clipping off.
+    """
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": gradient_clipping,
+        "steps_per_print": 10**9,  # the training loop logs its own metrics
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay,
+                       # DeepSpeed's fused CPU Adam needs a compiled op; torch's AdamW runs everywhere.
+                       "torch_adam": not on_gpu},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            # DeepSpeed refuses a warm-up of 0 steps: at least 1, and never past the last step.
+            "params": {"total_num_steps": steps, "warmup_num_steps": max(1, min(warmup_steps, steps - 1)),
+                       "cos_min_ratio": min_lr_ratio},
+        },
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+    }
+    if zero_stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The prior's ds_config: a pure function of the typed config, then the user's ``prior.ds_config`` JSON on top."""
+    # ZeRO partitions state over data-parallel ranks; on one rank without offload it only adds buffer copies
+    # (1.2-1.3x step time on CPU, benchmarks/bench_train.py), so a single rank runs plain data parallel.
+    single = world_size == 1 and cfg.offload_optimizer == "none" and cfg.offload_param == "none"
+    built = ds_config(micro_batch_size=cfg.micro_batch_size, world_size=world_size, lr=cfg.lr, steps=cfg.steps,
+                      warmup_steps=cfg.warmup_steps, zero_stage=0 if single else cfg.zero_stage,
+                      bf16=cfg.precision == "bf16",
+                      on_gpu=on_gpu, weight_decay=cfg.weight_decay, gradient_clipping=cfg.gradient_clipping,
+                      min_lr_ratio=cfg.min_lr_ratio)
+    gas = cfg.gradient_accumulation_steps
+    built["gradient_accumulation_steps"] = gas
+    built["train_batch_size"] = cfg.micro_batch_size * world_size * gas
+    built["scheduler"] = _schedule(cfg)
+    if cfg.precision == "fp16":  # dynamic loss scaling: fp16 gradients underflow without it
+        built["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                         "hysteresis": 2, "min_loss_scale": 1}
+    zero = built["zero_optimization"]
+    for key, device in (("offload_optimizer", cfg.offload_optimizer), ("offload_param", cfg.offload_param)):
+        if device != "none":
+            zero[key] = {"device": device, "pin_memory": on_gpu}
+            if device == "nvme":
+                zero[key]["nvme_path"] = cfg.nvme_path
+    if cfg.offload_optimizer != "none":  # offloaded steps run DeepSpeed's CPU Adam, not torch's
+        built["optimizer"]["params"].pop("torch_adam")
+    if built["zero_optimization"]["stage"] in (2, 3):  # overlap gradient reduction with the backward pass
+        zero["overlap_comm"] = on_gpu
+        zero["contiguous_gradients"] = True
+    if not cfg.ds_config:
+        return built
+    try:
+        with open(cfg.ds_config) as f:
+            user = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"prior.ds_config {cfg.ds_config}: not a readable JSON file ({exc})") from exc
+    if not isinstance(user, dict):
+        raise ValueError(f"prior.ds_config {cfg.ds_config}: top level must be a JSON object")
+    return merge(built, user)
+
+
+def _schedule(cfg: PriorConfig) -> dict[str, Any]:
+    """Linear warm-up, then cosine or linear decay to ``min_lr_ratio`` × lr, or constant."""
+    # DeepSpeed refuses a warm-up of 0 steps: at least 1, and never past the last step.
+    warmup = max(1, min(cfg.warmup_steps, cfg.steps - 1))
+    if cfg.lr_schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.steps, "warmup_num_steps": warmup,
+                                                     "cos_min_ratio": cfg.min_lr_ratio, "warmup_type": "linear"}}
+    if cfg.lr_schedule == "linear":  # DeepSpeed's linear decay ends at warmup_min_lr, where its warm-up starts
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": cfg.steps, "warmup_num_steps": warmup,
+                                                    "warmup_min_lr": cfg.lr * cfg.min_lr_ratio,
+                                                    "warmup_max_lr": cfg.lr, "warmup_type": "linear"}}
+    return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                           "warmup_type": "linear"}}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` applied over ``base``, recursively for nested sections (the user's values win)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_prefix: str) -> None:
+    """Run ``python -m <module> --config <config_file>`` on ``num_procs`` ranks through the deepspeed launcher.
+
+    CPU ranks (DS_ACCELERATOR=cpu, gloo) where there is no GPU. Every line goes to ``log_path``; lines starting with
+    ``echo_prefix`` (rank 0's progress) are echoed to stderr live. Raises RuntimeError with the log's tail on failure.
+    """
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port), "--module", module,
+           "--config", config_file]
+    with open(log_path, "w") as logf:
+        logf.write(" ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:  # stream rank 0's progress lines live; keep everything in the log
+            logf.write(line)
+            tail = (tail + [line.rstrip()])[-30:]
+            if line.startswith(echo_prefix):
+                print(line.rstrip(), file=sys.stderr, flush=True)
+        code = proc.wait()
+    _remove_shm_buffers(port)
+    if code != 0:
+        raise RuntimeError(f"deepspeed launcher exited {code}; log: {log_path}\n" + "\n".join(tail))
+
+
+def _remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves a ~70 MB shared-memory buffer per rank in /dev/shm named by the master
+    port, and never removes it (nor can a killed rank): without this, every run leaks RAM until /dev/shm is full."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    backend = None if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def initialize(model: torch.nn.Module, ds_config: dict[str, Any]):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One rank: DeepSpeed would still flatten, all-reduce and copy back every gradient each step, a pure cost
+        # (1.4x a bare loop's step for the small diffusion prior on CPU, benchmarks/bench_train.py).
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def fault_point(where: str, step: int, rank: int) -> None:
+    """Crash-test hook: ``PIPELINE_PRIOR_FAULT=<where>:<step>[:<rank>]`` makes that rank (default 0) exit hard at
+    that point, as a killed process would: no exception handlers, no cleanup. Unset in normal runs."""
+    spec = os.environ.get("PIPELINE_PRIOR_FAULT", "")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == where and int(parts[1]) == step and rank == (int(parts[2]) if len(parts) > 2 else 0):
+        print(f"[fault] rank {rank} exits hard at {where}:{step}", flush=True)
+        os._exit(17)
+
+
+def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any],
+                    rank_state: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
+                    keep: int = 0) -> str:
+    """Save tag ``step{step:08d}``; it counts only once ``complete.json`` (with every file's size) and the
+    ``latest_complete`` pointer are written, after all ranks finished. ``rank_state`` is saved per rank
+    (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes into the tag (e.g. the ds_config).
+    ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints afterwards."""
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = os.path.join(folder, tag)
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(tag_dir, f"rank{engine.global_rank}.pt"))
+    if engine.global_rank == 0:
+        for name, obj in (files or {}).items():
+            with open(os.path.join(tag_dir, name), "w") as f:
+                json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    fault_point("save", step, engine.global_rank)
+    _barrier()  # every rank's shards are on disk before anything says the checkpoint exists
+    if engine.global_rank == 0:
+        sizes = {os.path.relpath(os.path.join(d, n), tag_dir): os.path.getsize(os.path.join(d, n))
+                 for d, _, names in os.walk(tag_dir) for n in names if n != "complete.json"}
+        _write_atomic(os.path.join(tag_dir, "complete.json"),
+                      json.dumps({"step": step, "world_size": engine.world_size, "files": sizes}, sort_keys=True))
+        _write_atomic(os.path.join(folder, "latest_complete"), tag)
+        if keep > 0:
+            prune_checkpoints(folder, keep)
+    _barrier()
+    return tag
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint_tags(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if n.startswith("step") and os.path.isdir(os.path.join(folder, n)))
+
+
+def prune_checkpoints(folder: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest complete."""
+    import shutil
+
+    latest = latest_complete(folder)
+    complete = [t for t in checkpoint_tags(folder) if os.path.exists(os.path.join(folder, t, "complete.json"))]
+    doomed = complete[:-keep] + [t for t in checkpoint_tags(folder) if t not in complete and latest and t < latest]
+    for t in doomed:
+        shutil.rmtree(os.path.join(folder, t), ignore_errors=True)
+    return doomed
+
+
+def latest_complete(folder: str) -> str | None:
+    path = os.path.join(folder, "latest_complete")
+    if not os.path.exists(path):
+        return None
+    tag = open(path).read().strip()
+    if not os.path.exists(os.path.join(folder, tag, "complete.json")):
+        raise CheckpointError(f"{folder}: latest_complete names {tag}, which has no complete.json")
+    return tag
+
+
+def verify_checkpoint(folder: str, tag: str) -> dict[str, Any]:
+    """complete.json of ``tag``, after checking every file it lists is there with its recorded size."""
+    tag_dir = os.path.join(folder, tag)
+    try:
+        record = json.loads(open(os.path.join(tag_dir, "complete.json")).read())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{tag_dir}/complete.json: unreadable ({exc})") from exc
+    for rel, size in record.get("files", {}).items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing from checkpoint {tag} (complete.json lists it)")
+        if os.path.getsize(path) != size:
+            raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes, complete.json recorded {size}; "
+                                  "the checkpoint is corrupt or partial")
+    return record
+
+
+def load_checkpoint(engine, folder: str, tag: str) -> dict[str, Any]:
+    record = verify_checkpoint(folder, tag)
+    if record.get("world_size", engine.world_size) != engine.world_size:
+        raise CheckpointError(f"{folder}/{tag}: written by {record['world_size']} ranks, resuming on "
+                              f"{engine.world_size}; resume with the same number of ranks")
+    try:
+        path, client_state = engine.load_checkpoint(folder, tag=tag)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many types; name the checkpoint either way
+        raise CheckpointError(f"{folder}/{tag}: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
+    if path is None:  # DeepSpeed returns (None, None) instead of raising
+        raise CheckpointError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
+    return client_state or {}
+
+
+def load_rank_state(folder: str, tag: str, rank: int) -> dict[str, Any] | None:
+    path = os.path.join(folder, tag, f"rank{rank}.pt")
+    return torch.load(path, weights_only=False) if os.path.exists(path) else None
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (None elsewhere), for inference without DeepSpeed."""
+    if zero_stage == 3:
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    else:
+        state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return state if engine.global_rank == 0 else None
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """Context in which ZeRO-3-partitioned ``params`` are whole on every rank (read-only)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def fp32_state_dict_from_checkpoint(folder: str, tag: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own offline consolidation of a ZeRO 1-3 checkpoint's fp32 partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(folder, tag)
+
+
+def zero3_gpu_bytes(total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int) -> int:
+    """DeepSpeed's own ZeRO-3 model-state estimate (GPU bytes per device), no offload."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu_mem, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, gpus_per_node, nodes,
+                                                          cpu_offload=False, cpu_offload_params=False)
+    return int(gpu_mem)

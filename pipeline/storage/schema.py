@@ -1,0 +1,103 @@
+"""The token shard schema (v1): one Parquet row per sample, provenance in the file's key-value metadata."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import commit
+
+SCHEMA_VERSION = "1"
+META_KEY = b"pipeline.tokens"
+ROW_GROUP_ROWS = 1024
+# Metadata fields that must agree across shards read together (source shard and row counts may differ).
+SHARED_META = ("schema_version", "grid", "embed_dim", "dvae", "clip", "tokenizer", "preprocess")
+
+
+def token_schema(grid: int, embed_dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("text_tokens", pa.list_(pa.uint16())),
+        pa.field("image_tokens", pa.list_(pa.uint16(), grid * grid)),
+        pa.field("clip_image_emb", pa.list_(pa.float16(), embed_dim)),
+        pa.field("clip_text_emb", pa.list_(pa.float16(), embed_dim)),
+        pa.field("clip_similarity", pa.float32()),
+    ]
+    meta = {META_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata is not None else None
+    return pa.schema(fields, metadata=meta)
+
+
+def _fixed(values: np.ndarray, dtype: pa.DataType, width: int) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def build_table(rows: dict[str, Any], grid: int, embed_dim: int, metadata: dict[str, Any]) -> pa.Table:
+    """Column batch → table. ``image_tokens`` (n, grid²) and embeddings (n, D) are numpy arrays."""
+    n = len(rows["key"])
+    image_tokens = np.asarray(rows["image_tokens"])
+    if image_tokens.shape != (n, grid * grid):
+        raise ValueError(f"image_tokens has shape {image_tokens.shape}, expected {(n, grid * grid)}")
+    if image_tokens.size and (image_tokens.min() < 0 or image_tokens.max() > 65535):
+        raise ValueError("image_tokens out of uint16 range")
+    img_emb = np.asarray(rows["clip_image_emb"], dtype=np.float16)
+    txt_emb = np.asarray(rows["clip_text_emb"], dtype=np.float16)
+    schema = token_schema(grid, embed_dim, metadata)
+    arrays = [
+        pa.array(rows["key"], pa.string()), pa.array(rows["url"], pa.string()), pa.array(rows["caption"], pa.string()),
+        pa.array(rows["sha256"], pa.string()), pa.array(rows["width"], pa.int32()),
+        pa.array(rows["height"], pa.int32()),
+        pa.array([list(map(int, t)) for t in rows["text_tokens"]], pa.list_(pa.uint16())),
+        _fixed(image_tokens.astype(np.uint16), pa.uint16(), grid * grid),
+        _fixed(img_emb, pa.float16(), embed_dim), _fixed(txt_emb, pa.float16(), embed_dim),
+        pa.array(np.asarray(rows["clip_similarity"], dtype=np.float32), pa.float32()),
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # Row groups of ~1k rows: the prior's loader deals row groups to ranks and reads one per unit, so one big
+    # group per shard would make every rank read (and, on S3, fetch) the whole shard for each slice it owns.
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return buf.getvalue()
+
+
+def read_metadata(fs, path: str) -> dict[str, Any]:
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    if META_KEY not in meta:
+        raise ValueError(f"{path}: not a token shard (no {META_KEY.decode()} metadata)")
+    return json.loads(meta[META_KEY])
+
+
+def read_token_shards(folder: str, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Every committed token shard of ``folder`` as one table; refuses shards whose provenance disagrees."""
+    fs, path = commit.fs_and_path(folder)
+    shards = commit.committed_shards(fs, path)
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no committed token shards")
+    tables, first = [], None
+    for shard_id in shards:
+        p = f"{path}/{shard_id:05d}.parquet"
+        meta = read_metadata(fs, p)
+        shared = {k: meta.get(k) for k in SHARED_META}
+        if first is None:
+            first = (p, shared)
+        elif shared != first[1]:
+            diff = [k for k in SHARED_META if shared[k] != first[1][k]]
+            raise ValueError(f"{p}: metadata {diff} disagrees with {first[0]}; refusing to mix token shards")
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    assert first is not None
+    return pa.concat_tables(tables), first[1]
