@@ -157,7 +157,7 @@ def ours_full(encoder: Any, metadata: dict, folder: str, shards: dict[int, int],
     """decode_shard → Encoder (dVAE + CLIP image/text + BPE) per batch → write_token_shard per shard."""
     import numpy as np
 
-    from pipeline.tokenize.encode import write_token_shard
+    from pipeline.tokenize.writer import write_token_shard
 
     n = 0
     for shard_id, expected in shards.items():
@@ -327,7 +327,7 @@ def bytes_per_sample(rows: int, grid: int, dim: int, tokenizer: Any, folder: str
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.tokenize.encode import write_token_shard
+    from pipeline.tokenize.writer import write_token_shard
 
     rng = np.random.default_rng(1)
     keys = [f"00000{j:04d}" for j in range(rows)]

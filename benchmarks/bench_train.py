@@ -41,7 +41,7 @@ from pipeline.prior.loader import TokenLoader, make_plan  # noqa: E402
 from pipeline.prior.objectives import ARObjective, DiffusionObjective  # noqa: E402
 from pipeline.prior.transformer import DalleTransformer, PriorShape  # noqa: E402
 from pipeline.runtime import ds_seam
-from pipeline.tokenize import encode as tokenize  # noqa: E402
+from pipeline.tokenize.writer import write_token_shard  # noqa: E402
 
 
 def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab: int, shards: int = 4,
@@ -52,7 +52,7 @@ def write_tokens(folder: str, rows: int, grid: int, text_vocab: int, image_vocab
     per = rows // shards
     for s in range(shards):
         emb = rng.standard_normal((per, embed_dim)).astype(np.float32)
-        tokenize.write_token_shard(folder, s, {
+        write_token_shard(folder, s, {
             "key": [f"{s:05d}{i:05d}" for i in range(per)], "url": [""] * per, "caption": [""] * per,
             "sha256": [""] * per, "width": [256] * per, "height": [256] * per,
             "text_tokens": [list(rng.integers(0, text_vocab, rng.integers(3, 30))) for _ in range(per)],

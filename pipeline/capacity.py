@@ -40,11 +40,13 @@ def _fig(value: Any, basis: str, note: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------- model
 
 def prior_shape(cfg):
-    from pipeline.prior.transformer import PriorShape
+    """The shape train-prior would build for this config, through its own builder, with DALL-E's vocabularies and
+    grid standing in for the token shards' metadata."""
+    from pipeline.prior.objectives import prior_shape as build
 
-    p = cfg.prior
-    return PriorShape(text_vocab=TEXT_VOCAB, text_len=p.text_len, image_vocab=IMAGE_VOCAB, image_grid=IMAGE_GRID,
-                      n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd)
+    meta = {"tokenizer": {"vocab_size": TEXT_VOCAB}, "dvae": {"vocab_size": IMAGE_VOCAB}, "grid": IMAGE_GRID,
+            "embed_dim": EMBED_DIM}
+    return build(cfg, meta)
 
 
 def prior_params(cfg) -> tuple[int, int]:
@@ -60,8 +62,9 @@ def prior_params(cfg) -> tuple[int, int]:
     return total, largest
 
 
-def zero3_gpu_bytes(total_params: int, largest_layer_params: int, gpus: int, gpus_per_node: int) -> int:
-    """DeepSpeed's own ZeRO-3 model-state estimate (GPU bytes per device), no offload."""
+def zero3_on(total_params: int, largest_layer_params: int, gpus: int, gpus_per_node: int) -> int:
+    """DeepSpeed's ZeRO-3 model-state estimate per GPU (``ds_seam.zero3_gpu_bytes``) for ``gpus`` GPUs laid out in
+    nodes of ``gpus_per_node``."""
     from pipeline.runtime import ds_seam
 
     per_node = min(gpus, gpus_per_node)
@@ -73,7 +76,7 @@ def gpus_needed(total_params: int, largest_layer_params: int, act: int, gpu_mem_
     """Fewest GPUs on which ZeRO-3 model states (DeepSpeed's estimate) plus ``act`` activation bytes fit in
     ``gpu_mem_gb`` each; None when even ``limit`` GPUs are not enough (activations alone do not fit)."""
     def fits(n: int) -> bool:
-        return zero3_gpu_bytes(total_params, largest_layer_params, n, gpus_per_node) + act <= gpu_mem_gb * 1e9
+        return zero3_on(total_params, largest_layer_params, n, gpus_per_node) + act <= gpu_mem_gb * 1e9
 
     if not fits(limit):
         return None
@@ -206,7 +209,7 @@ def plan(cfg, samples: int, gpus: int, gpu_mem_gb: float = 80.0, gpus_per_node: 
     total, largest = prior_params(cfg)
 
     # memory
-    z3 = zero3_gpu_bytes(total, largest, gpus, gpus_per_node)
+    z3 = zero3_on(total, largest, gpus, gpus_per_node)
     seq = p.text_len + IMAGE_GRID * IMAGE_GRID
     act = activation_bytes(seq, p.n_embd, p.n_layer, p.micro_batch_size, p.activation_checkpointing)
     need = z3 + act

@@ -12,7 +12,8 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
 
-from pipeline.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 
 STAGES: dict[str, str] = {
     "download": "URL list (parquet/csv/tsv/jsonl, local or s3://) → resized webdataset image shards, on Ray tasks",
@@ -30,49 +31,29 @@ STAGES: dict[str, str] = {
 }
 
 
-def _run(stage: str, cfg: Config) -> dict[str, Any]:
+RUNNERS = {"download": "download", "train-dvae": "train_dvae", "train-clip": "train_clip", "tokenize": "tokenize",
+           "train-prior": "train_prior", "export": "export", "export-prior": "export_prior",
+           "eval-dvae": "eval_dvae", "eval-prior": "eval_prior", "sample": "sample"}
+
+
+def _run(stage: str, cfg: Config, args: argparse.Namespace) -> None:
+    """Run one command through ``pipeline.stages`` and print what it returns."""
     from pipeline import stages
 
-    runners: dict[str, Callable[[Config], Any]] = {
-        "download": stages.download, "train-dvae": stages.train_dvae, "train-clip": stages.train_clip,
-        "tokenize": stages.tokenize, "train-prior": stages.train_prior, "sample": lambda c: stages.sample(c)[0],
-        "eval-dvae": _eval_dvae, "export": _export, "export-prior": _export_prior,
-        "eval-prior": _eval_prior,
-    }
-    if stage == "demo":
-        from pipeline.demo.run import run_demo
+    if stage == "plan":  # pure arithmetic on the config: no stage runs
+        from pipeline.capacity import format_plan
 
-        result = run_demo(cfg)
+        print(format_plan(stages.plan(cfg, int(args.samples), args.gpus, gpu_mem_gb=args.gpu_mem_gb)))
+        return
+    if stage == "demo":
+        result = stages.demo(cfg)
         for name, st in result["stages"].items():
             print(f"[demo] {name}: {st.get('wall_s', 0):.1f}s", flush=True)
         print(f"demo ok: report={result['report']} match={result['match']:.3f} chance={result['chance']:.3f}",
               flush=True)
-        return result
-    return runners[stage](cfg)
-
-
-def _eval_dvae(cfg: Config) -> dict[str, Any]:
-    from pipeline.dvae.eval import eval_dvae
-
-    return eval_dvae(cfg)
-
-
-def _export(cfg: Config) -> dict[str, Any]:
-    from pipeline.tokenize.export import export_clip_retrieval
-
-    return export_clip_retrieval(cfg.path("tokens"), cfg.path("clip_retrieval"))
-
-
-def _eval_prior(cfg: Config) -> dict[str, Any]:
-    from pipeline.prior.eval import eval_prior
-
-    return eval_prior(cfg, limit=cfg.prior.eval_rows)
-
-
-def _export_prior(cfg: Config) -> dict[str, Any]:
-    from pipeline.prior.checkpoints import export_weights
-
-    return {"model": export_weights(cfg.path("prior"))}
+        return
+    runner: Callable[[Config], dict[str, Any]] = getattr(stages, RUNNERS[stage])
+    print(json.dumps(runner(cfg), default=str))
 
 
 def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> argparse.ArgumentParser:
@@ -101,25 +82,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int
     logging.getLogger("pipeline").setLevel(logging.INFO)
     overrides = list(args.overrides) + (["download.retry_failed=true"] if getattr(args, "retry_failed", False) else [])
     try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
+        _run(args.stage, load_config(args.config, overrides), args)
+    except PipelineError as exc:  # bad input or config: one line naming what and where, no traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from pipeline.download.planner import InputError
-    from pipeline.prior.loader import DataError
-    from pipeline.runtime.ds_seam import CheckpointError
-    from pipeline.storage.commit import RunMismatchError
-
-    if args.stage == "plan":  # pure arithmetic on the config: no stage runs
-        from pipeline.capacity import format_plan, plan
-
-        print(format_plan(plan(cfg, int(args.samples), args.gpus, gpu_mem_gb=args.gpu_mem_gb)))
-        return 0
-    try:
-        result = _run(args.stage, cfg)
-    except (InputError, RunMismatchError, CheckpointError, DataError) as exc:  # bad input: a message, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.stage != "demo":
-        print(json.dumps(result, default=str))
+        return exc.exit_code
     return 0

@@ -52,7 +52,7 @@ def make_tiny_models(cfg: Config) -> None:
     import numpy as np
     import torch
 
-    from pipeline.clip.model import train_clip
+    from pipeline.clip.train import train_clip
     from pipeline.dvae.model import DVAE, DVAEShape, save_dvae
     from pipeline.storage import shards
 

@@ -4,7 +4,15 @@ dotted key)."""
 
 from pipeline.config.checks import ConfigError
 from pipeline.config.prior import ATTENTION_KINDS, PRIOR_SIZES, PriorConfig
-from pipeline.config.root import Config, apply_overrides, load_config, parse_override, to_dict
+from pipeline.config.root import (
+    Config,
+    absolute_paths,
+    apply_overrides,
+    diffusion_config,
+    load_config,
+    parse_override,
+    to_dict,
+)
 from pipeline.config.sections import (
     ClipConfig,
     DataConfig,
@@ -15,5 +23,5 @@ from pipeline.config.sections import (
 )
 
 __all__ = ["ATTENTION_KINDS", "PRIOR_SIZES", "ClipConfig", "Config", "ConfigError", "DataConfig", "DownloadConfig",
-           "DVAEConfig", "PriorConfig", "SampleConfig", "TokenizeConfig", "apply_overrides", "load_config",
-           "parse_override", "to_dict"]
+           "DVAEConfig", "PriorConfig", "SampleConfig", "TokenizeConfig", "absolute_paths", "apply_overrides",
+           "diffusion_config", "load_config", "parse_override", "to_dict"]

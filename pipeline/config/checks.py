@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from pipeline.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the dotted key."""
+__all__ = ["ConfigError", "check"]
 
 
 def check(cond: bool, key: str, why: str) -> None:

@@ -9,7 +9,7 @@ from pipeline.config.checks import check as _check
 PRIOR_SIZES: dict[str, tuple[int, int, int]] = {
     # name: (n_layer, n_head, n_embd). 12b is the DALL-E paper's (64 layers, d_model 3968, 62 heads of 64); the
     # others keep 64-wide heads. With DALL-E's vocabularies (16384 text, 8192 image, 256 + 1024 positions) they
-    # count 0.34 B, 1.28 B, 4.18 B and 12.23 B parameters (tests/test_prior_sizes.py).
+    # count 0.34 B, 1.28 B, 4.18 B and 12.23 B parameters (tests/prior/test_prior_sizes.py).
     "tiny": (4, 4, 128), "350m": (24, 16, 1024), "1.3b": (24, 32, 2048), "4b": (36, 48, 3072), "12b": (64, 62, 3968),
 }
 ATTENTION_KINDS = ("dense", "row", "column", "conv")

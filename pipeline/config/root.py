@@ -7,6 +7,7 @@ wrong type or a value out of range raises ``ConfigError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pipeline.config.sections import (
     SampleConfig,
     TokenizeConfig,
 )
+from pipeline.storage.commit import join
 
 
 @dataclass
@@ -61,7 +63,28 @@ class Config:
             return self.tokenize.input or self.path("images")
         if explicit.get(stage):
             return explicit[stage]
-        return str(Path(self.run_dir) / stage)
+        return join(self.run_dir, stage)
+
+
+def diffusion_config(cfg: Config) -> Config:
+    """``cfg`` with its ``diffusion`` section as the prior to train/evaluate (output <run_dir>/prior_diffusion)."""
+    section = dataclasses.replace(cfg.diffusion, kind="diffusion", output=cfg.path("prior_diffusion"))
+    return dataclasses.replace(cfg, prior=section)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every local path absolute (URLs unchanged): workers elsewhere (Ray Train, Ray tasks under a job's
+    working_dir) run in their own folders."""
+
+    def fix(v: str) -> str:
+        return os.path.abspath(v) if v and "://" not in v else v
+
+    rep = dataclasses.replace
+    return rep(cfg, run_dir=fix(cfg.run_dir), download=rep(cfg.download, output=fix(cfg.download.output)),
+               dvae=rep(cfg.dvae, output=fix(cfg.dvae.output)), clip=rep(cfg.clip, output=fix(cfg.clip.output)),
+               tokenize=rep(cfg.tokenize, output=fix(cfg.tokenize.output)),
+               prior=rep(cfg.prior, output=fix(cfg.prior.output)),
+               sample=rep(cfg.sample, output=fix(cfg.sample.output), checkpoint=fix(cfg.sample.checkpoint)))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

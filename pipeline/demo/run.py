@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import stages
-from pipeline.config import Config
+from pipeline.config import Config, diffusion_config
 from pipeline.demo import synth
 from pipeline.demo.server import ImageServer
+from pipeline.dvae.data import load_image_array
+from pipeline.report.build import write_run_report
+from pipeline.runtime.progress import timed
+from pipeline.sample.run import run_sample
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,25 @@ def _print_stage(name: str, summary: dict[str, Any]) -> None:
 
 
 def run_demo(cfg: Config) -> dict[str, Any]:
+    """Every stage on the embedded dataset (served by a loopback HTTP server for the download), then the report."""
+    from pipeline.clip.train import run_train_clip
+    from pipeline.download.run import run_download
+    from pipeline.dvae import train as dvae_train
+    from pipeline.dvae.openai import import_weights
+    from pipeline.prior import train as prior_train
+    from pipeline.prior.eval import eval_prior_summary
     from pipeline.runtime import ray_seam
+    from pipeline.tokenize.encode import encoder_spec
+    from pipeline.tokenize.run import run_tokenize
 
     t_all = time.time()
     summaries: dict[str, dict[str, Any]] = {}
+
+    def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        summaries[name] = timed(fn)
+        _print_stage(name, summaries[name])
+        return summaries[name]
+
     samples, heldout = synth.make_samples(cfg.data.num_images, cfg.data.heldout_fraction, cfg.seed)
     pngs = {s.index: synth.render_png(s, cfg.data.render_size) for s in samples}
     with ImageServer(pngs) as server:
@@ -55,70 +72,26 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
         cfg.download.allowed_addresses = [*cfg.download.allowed_addresses, f"{host}:{port}"]
         print(f"[demo] serving {len(pngs)} images at {server.base_url}; URL list {urls}", flush=True)
-        summaries["download"] = stages.download(cfg)
-        summaries["download"]["http_requests"] = server.requests
-    _print_stage("download", summaries["download"])
-
-    images, keys, captions = stages.load_images(cfg)
-    summaries["train-dvae"] = stages.train_dvae(cfg, images)
-    _print_stage("train-dvae", summaries["train-dvae"])
-    summaries["train-clip"] = stages.train_clip(cfg, images, captions)
-    _print_stage("train-clip", summaries["train-clip"])
-    summaries["tokenize"] = stages.tokenize(cfg)
-    _print_stage("tokenize", summaries["tokenize"])
+        ray_seam.init_ray(cfg)
+        stage("download", lambda: {**run_download(cfg), "http_requests": server.requests})
+    images, keys, captions = load_image_array(cfg.path("images"), cfg.download.image_size)
+    stage("train-dvae", lambda: import_weights(cfg) if cfg.dvae.weights else dvae_train.launch(cfg))
+    stage("train-clip", lambda: run_train_clip(cfg, images, captions))
+    stage("tokenize", lambda: run_tokenize(cfg, encoder_spec(cfg)))
     ray_seam.shutdown()  # give the cores back before the DeepSpeed ranks start
-    summaries["train-prior"] = stages.train_prior(cfg)
-    _print_stage("train-prior", summaries["train-prior"])
-    summaries["sample"], results = stages.sample(cfg)
-    _print_stage("sample", summaries["sample"])
-    dcfg = stages.diffusion_config(cfg)  # DALL-E 2's prior: same tokens, same engine
-    summaries["train-diffusion-prior"] = stages.train_prior(dcfg)
-    _print_stage("train-diffusion-prior", summaries["train-diffusion-prior"])
-    summaries["eval-prior"] = stages.eval_prior(dcfg)
-    _print_stage("eval-prior", summaries["eval-prior"])
-    report_path = write_report(cfg, summaries, results, images)
+    stage("train-prior", lambda: prior_train.launch(cfg))
+    drawn: list = []
+    stage("sample", lambda: _keep(run_sample(cfg), drawn))  # the report shows the samples themselves too
+    dcfg = diffusion_config(cfg)  # DALL-E 2's prior: same tokens, same engine
+    stage("train-diffusion-prior", lambda: prior_train.launch(dcfg))
+    stage("eval-prior", lambda: eval_prior_summary(dcfg))
+    report_path = write_run_report(cfg, summaries, drawn, images)
     summaries["total"] = {"wall_s": round(time.time() - t_all, 2)}
     return {"report": report_path, "stages": summaries, "match": summaries["sample"]["match"],
             "chance": summaries["sample"]["chance"]}
 
 
-def write_report(cfg: Config, summaries: dict[str, dict[str, Any]], results: list, images: np.ndarray) -> str:
-    import torch
-
-    from pipeline.dvae.model import load_dvae
-    from pipeline.report import figures as report
-
-    out = Path(cfg.path("report"))
-    out.mkdir(parents=True, exist_ok=True)
-    dvae = load_dvae(str(Path(cfg.path("dvae")) / "dvae.pt"))
-    probe = images[:12]
-    with torch.no_grad():
-        x = torch.from_numpy(probe).permute(0, 3, 1, 2).float() / 255.0
-        rec = (dvae.decode(dvae.encode(x)).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    report.recon_grid(probe, rec, str(out / "dvae_reconstructions.png"))
-    dvae_hist = json.loads((Path(cfg.path("dvae")) / "metrics.json").read_text())["history"]
-    curves = {"dVAE (recon + KL)": [(h["step"], h["loss"]) for h in dvae_hist]}
-    clip_metrics = Path(cfg.path("clip")) / "metrics.json"
-    if clip_metrics.exists():
-        curves["CLIP (contrastive)"] = list(enumerate(json.loads(clip_metrics.read_text())["losses"], 1))
-    prior_lines = (Path(cfg.path("prior")) / "metrics.jsonl").read_text().splitlines()
-    curves["prior (image-token CE, DeepSpeed)"] = [(r["step"], r["loss"]) for r in map(json.loads, prior_lines)]
-    diffusion = Path(cfg.path("prior_diffusion"))
-    if (diffusion / "metrics.jsonl").exists():
-        curves["diffusion prior (x0 MSE, DeepSpeed)"] = [
-            (r["step"], r["loss"]) for r in map(json.loads, (diffusion / "metrics.jsonl").read_text().splitlines())]
-    report.loss_curves(curves, str(out / "loss_curves.png"))
-    figures = {"Samples for held-out captions (CLIP-reranked, best outlined)": "samples.png",
-               "dVAE reconstructions (top: downloaded, bottom: decoded from tokens)": "dvae_reconstructions.png",
-               "Loss curves": "loss_curves.png"}
-    diffusion_eval = diffusion / "eval" / "eval.json"
-    if diffusion_eval.exists():
-        shutil.copy(diffusion / "eval" / "retrieval.png", out / "diffusion_retrieval.png")
-        figures["Diffusion prior: nearest dataset images to the predicted CLIP image embedding (held-out captions, "
-                "true image outlined)"] = "diffusion_retrieval.png"
-    md = report.write_markdown(str(out), summaries, summaries["sample"], figures,
-                               json.loads(diffusion_eval.read_text()) if diffusion_eval.exists() else None)
-    from pipeline.report.html import write_html
-
-    write_html(str(out))  # report.html: the same report with every image inlined, one file to share
-    return md
+def _keep(summary_and_results: tuple[dict[str, Any], list], into: list) -> dict[str, Any]:
+    summary, results = summary_and_results
+    into.extend(results)
+    return summary

@@ -21,13 +21,12 @@ from img2dataset.reader import Reader
 
 from pipeline.config import DownloadConfig
 from pipeline.download.shard import OOM_SHARD_COUNT, ShardPlan
+from pipeline.errors import InputError
 from pipeline.storage import commit
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 
 
-class InputError(ValueError):
-    """The URL list cannot be read; the message names the file and the reason."""
 
 
 def input_format(path: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from PIL import Image
 from pipeline.config import Config
 from pipeline.dvae.data import ShardCache, choose_heldout, shard_counts
 from pipeline.dvae.model import DVAE, load_dvae
+from pipeline.storage.commit import atomic_output
 
 
 @torch.no_grad()
@@ -72,9 +72,8 @@ def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: str, max_ima
             arr = (imgs[i].float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (pad + i * (cell + pad), pad + row * (cell + pad)))
-    tmp = f"{path}.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        grid.save(f, format="PNG")
 
 
 def eval_dvae(cfg: Config) -> dict[str, Any]:

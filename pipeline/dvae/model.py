@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.storage.commit import atomic_output
+
 LOGIT_LAPLACE_EPS = 0.1
 RECON_LOSSES = ("logit_laplace", "mse", "bce")
 
@@ -212,7 +214,9 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
 
 
 def save_dvae(model: DVAE, path: str, extra: dict | None = None) -> None:
-    torch.save({"shape": asdict(model.shape), "state_dict": model.state_dict(), "extra": extra or {}}, path)
+    """``dvae.pt``, written whole or not at all (a reader never sees half a checkpoint)."""
+    with atomic_output(path) as f:
+        torch.save({"shape": asdict(model.shape), "state_dict": model.state_dict(), "extra": extra or {}}, f)
 
 
 def load_dvae(path: str) -> DVAE:

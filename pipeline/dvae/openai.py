@@ -20,7 +20,6 @@ import hashlib
 import importlib
 import io
 import json
-import os
 import pickle
 import re
 import types
@@ -34,6 +33,8 @@ from torch import nn
 from torch.serialization import SourceChangeWarning
 
 from pipeline.dvae.model import DVAE, DVAEShape, check_state_dict, load_dvae, save_dvae
+from pipeline.errors import InputError
+from pipeline.storage.commit import write_text
 
 DOWNLOAD_TIMEOUT_S = 120.0
 """Bound on connecting to / each read from an http(s) source, in seconds."""
@@ -62,8 +63,8 @@ def _stub_class(module: str, name: str) -> type[_DallEStub]:
     return _STUBS[qual]
 
 
-class UnexpectedGlobal(pickle.UnpicklingError):
-    pass
+class UnexpectedGlobal(InputError, pickle.UnpicklingError):
+    """The pickle names a global outside the allowed torch/tensor set: refused before anything runs."""
 
 
 _BUILTINS = {"set", "frozenset", "bytearray", "slice"}
@@ -291,8 +292,6 @@ def import_weights(cfg: Any) -> dict[str, Any]:
     extra.update({"vocab_size": shape.vocab_size, "grid": shape.grid(image_size), "image_size": image_size})
     out = Path(cfg.path("dvae"))
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".dvae.pt.{os.getpid()}.tmp"
-    save_dvae(model, str(tmp), extra=extra)
-    os.replace(tmp, out / "dvae.pt")  # the source may be this very file: never leave it half written
-    (out / "metrics.json").write_text(json.dumps({"result": extra, "history": []}))
+    save_dvae(model, str(out / "dvae.pt"), extra=extra)  # atomic: the source may be this very file
+    write_text(str(out / "metrics.json"), json.dumps({"result": extra, "history": []}))
     return extra

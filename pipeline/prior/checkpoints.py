@@ -1,4 +1,5 @@
-"""Which checkpoint a prior run resumes from, and the consolidated weights it exports.
+"""A prior run's checkpoints and weights: which checkpoint a run resumes from, the consolidated ``model.pt`` it
+writes (from the engine at the end, or offline from any saved checkpoint), and the one loader of that file.
 
 The policy (``prior.resume``) is applied before any work: a folder that holds complete checkpoints is never silently
 trained from scratch, and a checkpoint is resumed only with the data plan and model shape it was written with.
@@ -8,15 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
+from pipeline.errors import CheckpointError, InputError
+from pipeline.prior.diffusion import DiffusionPrior, DiffusionShape
 from pipeline.prior.loader import DataPlan
+from pipeline.prior.transformer import DalleTransformer, PriorShape
 from pipeline.runtime import ds_seam
-from pipeline.runtime.ds_seam import CheckpointError
+from pipeline.storage.checkpoints import Checkpoints
+from pipeline.storage.commit import atomic_output
+
+KINDS = {"ar": (DalleTransformer, PriorShape), "diffusion": (DiffusionPrior, DiffusionShape)}
 
 
 @dataclass
@@ -29,62 +36,81 @@ class ResumePoint:
 
 def find_resume(out: str, policy: str, rank: int = 0) -> ResumePoint | None:
     """The newest complete checkpoint of ``out`` to resume, or None to start fresh, as ``policy`` allows."""
-    tag = ds_seam.latest_complete(out)
-    tags = ds_seam.checkpoint_tags(out)
-    complete = [t for t in tags if os.path.exists(os.path.join(out, t, "complete.json"))]
-    if tag is None and complete:
-        raise CheckpointError(f"{out}: complete checkpoint(s) {', '.join(complete)} exist but the latest_complete "
-                              f"pointer is missing; refusing to start from scratch. Restore it (write "
-                              f"'{complete[-1]}' into {out}/latest_complete) or train into a new prior.output")
+    tag = Checkpoints(out, "[train-prior]").resume_tag(policy, "prior.resume", rank)
     if tag is None:
-        if policy == "require":
-            raise CheckpointError(f"{out}: no complete checkpoint to resume and prior.resume=require")
-        if rank == 0:
-            _drop_partial(out, tags)
         return None
-    if policy == "never":
-        raise CheckpointError(f"{out}: holds checkpoint {tag} and prior.resume=never; train into a new "
-                              "prior.output or set prior.resume=auto")
     path = os.path.join(out, tag, "train_state.json")
     try:
-        state = json.loads(open(path).read())
+        with open(path) as f:
+            state = json.loads(f.read())
         plan = DataPlan.from_json(state["data_plan"])
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: unreadable or without a data plan ({exc}); cannot resume exactly") from exc
-    if rank == 0:  # a save that crashed before complete.json left a partial folder past the pointer
-        _drop_partial(out, [t for t in tags if t > tag and t not in complete])
     return ResumePoint(tag, plan, state["shape"], state)
 
 
-def _drop_partial(out: str, tags: list[str]) -> None:
-    for t in tags:
-        print(f"[train-prior] removing {out}/{t}: an interrupted save (no complete.json)", flush=True)
-        shutil.rmtree(os.path.join(out, t), ignore_errors=True)
+def save_prior(path: str, kind: str, shape: dict[str, Any], weights: dict[str, torch.Tensor], meta: dict[str, Any],
+               steps: int, ema_weights: dict[str, torch.Tensor] | None = None) -> str:
+    """Write ``model.pt``, atomically: ``{kind, shape, state_dict, tokens_meta, steps}``. For the diffusion prior
+    ``state_dict`` holds the EMA weights, the ones sampling uses, and ``raw_state_dict`` the trained ones."""
+    blob = {"kind": kind, "shape": shape, "state_dict": weights, "tokens_meta": meta, "steps": steps}
+    if ema_weights is not None:
+        blob["raw_state_dict"], blob["state_dict"] = weights, ema_weights
+    with atomic_output(path) as f:
+        torch.save(blob, f)
+    return path
+
+
+def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The one loader of ``model.pt`` for either prior (``kind`` ar or diffusion): (model in eval mode, tokens_meta).
+
+    Loaded with ``weights_only`` (no code runs); a file that is unreadable, not a prior, a prior of the other kind,
+    or whose weights do not fit its recorded shape raises ``InputError`` naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such prior weights file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many exception types
+        raise InputError(f"{path}: cannot read prior weights ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:
+        raise InputError(f"{path}: not a prior model.pt (no shape / state_dict)")
+    got = blob.get("kind", "ar")
+    if got != kind:
+        if got == "diffusion":
+            raise InputError(f"{path}: a 'diffusion' prior (it predicts CLIP image embeddings, DALL-E 2's); "
+                             "sampling images needs the autoregressive prior (prior.kind=ar, <run_dir>/prior)")
+        raise InputError(f"{path}: not a {kind} prior (kind={got!r})")
+    model_cls, shape_cls = KINDS[kind]
+    try:
+        model = model_cls(shape_cls(**blob["shape"]))
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        what = "an autoregressive" if kind == "ar" else "a diffusion"
+        raise InputError(f"{path}: weights do not fit {what} prior ({exc})") from exc
+    return model.eval(), dict(blob.get("tokens_meta") or {})
 
 
 def write_weights(engine, zero_stage: int, shape: Any, meta: dict[str, Any], steps: int, path: str,
                   ema: Any = None) -> None:
     """Consolidated fp32 weights (gathered from ZeRO-3 shards when needed) that load without DeepSpeed; for the
     diffusion prior the EMA weights, which sampling uses."""
-    from pipeline.prior.objectives import weights_blob
-
     state = ds_seam.consolidated_state_dict(engine, zero_stage)
     if state is None:  # not rank 0
         return
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     ema_weights = None if ema is None else with_ema(weights, dict(ema.module.named_buffers()))
-    tmp = path + ".tmp"
-    torch.save(weights_blob(shape, weights, meta, steps, ema_weights), tmp)
-    os.replace(tmp, path)
+    kind = "diffusion" if isinstance(shape, DiffusionShape) else "ar"
+    save_prior(path, kind, asdict(shape), weights, meta, steps, ema_weights)
 
 
 def export_weights(out: str, tag: str | None = None) -> str:
     """Consolidated fp32 weights of a saved checkpoint (default: the newest complete one) as ``<out>/<tag>/model.pt``,
-    loadable by ``pipeline.prior.train.load_prior`` without DeepSpeed or GPUs, ZeRO-sharded or not."""
-    tag = tag or ds_seam.latest_complete(out)
+    loadable by ``load_prior`` without DeepSpeed or GPUs, ZeRO-sharded or not."""
+    ckpts = Checkpoints(out)
+    tag = tag or ckpts.latest()
     if tag is None:
         raise CheckpointError(f"{out}: no complete checkpoint to export")
-    ds_seam.verify_checkpoint(out, tag)
+    ckpts.verify(tag)
     tag_dir = os.path.join(out, tag)
     try:
         state = json.loads(open(os.path.join(tag_dir, "train_state.json")).read())
@@ -97,20 +123,14 @@ def export_weights(out: str, tag: str | None = None) -> str:
     else:  # ZeRO 1-3: DeepSpeed's own offline consolidation of the fp32 partitions
         module = ds_seam.fp32_state_dict_from_checkpoint(out, tag)
     weights = {k.removeprefix("model."): v.float() for k, v in module.items()}
-    blob = {"kind": state.get("kind", "ar"), "shape": state["shape"], "state_dict": weights,
-            "tokens_meta": state["data_plan"]["meta"], "steps": state["step"]}
-    ema = _saved_ema(tag_dir)
-    if ema is not None:  # the diffusion prior samples with its EMA weights
-        blob["raw_state_dict"] = weights
-        blob["state_dict"] = with_ema(weights, ema)
-    path = os.path.join(tag_dir, "model.pt")
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
+    ema = _saved_ema(tag_dir)  # the diffusion prior samples with its EMA weights
+    return save_prior(os.path.join(tag_dir, "model.pt"), state.get("kind", "ar"), state["shape"], weights,
+                      state["data_plan"]["meta"], state["step"], None if ema is None else with_ema(weights, ema))
 
 
 def _saved_ema(tag_dir: str) -> dict[str, torch.Tensor] | None:
-    """The EMA buffers a diffusion run saved in its client state (rank 0's model-states file), if any."""
+    """The EMA buffers a diffusion run saved in its client state (rank 0's model-states file), if any. DeepSpeed's
+    own file: it pickles more than tensors, so it is read without ``weights_only``."""
     path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.exists(path):
         return None

@@ -14,9 +14,8 @@ cosine to the text embedding. ``EMA`` keeps an exponential moving average of the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -332,21 +331,3 @@ class EMA:
             else:
                 out[key] = value.detach().clone()
         return out
-
-
-def load_diffusion_prior(path: str) -> tuple[DiffusionPrior, dict[str, Any]]:
-    """A saved diffusion prior {"kind": "diffusion", "shape", "state_dict", "tokens_meta"} → (model.eval(), meta)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("kind") != "diffusion":
-        raise ValueError(f"{path}: not a diffusion prior (kind={blob.get('kind')!r})")
-    model = DiffusionPrior(DiffusionShape(**blob["shape"]))
-    model.load_state_dict(blob["state_dict"])
-    return model.eval(), blob.get("tokens_meta") or {}
-
-
-def save_diffusion_prior(path: str, model: DiffusionPrior, tokens_meta: dict[str, Any] | None = None,
-                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the file ``load_diffusion_prior`` reads (``state_dict``: e.g. ``EMA.state_dict_for(model)``)."""
-    weights = state_dict if state_dict is not None else model.state_dict()
-    torch.save({"kind": "diffusion", "shape": asdict(model.shape), "state_dict": {k: v.detach().cpu() for k, v in
-                weights.items()}, "tokens_meta": tokens_meta or {}}, path)

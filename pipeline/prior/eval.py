@@ -16,7 +16,6 @@ Writes ``<prior>/eval/eval.json`` and ``retrieval.png`` (captions beside their n
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.prior.rows import heldout_mask  # the training loader's split, shared
 from pipeline.storage import commit, schema, shards
+from pipeline.storage.commit import atomic_output
 
 Predict = Callable[[list[str], np.ndarray, np.ndarray, float], np.ndarray]
 CELL, PAD, LABEL_W = 96, 4, 260  # displayed pixels per image, gap, caption panel width
@@ -157,9 +157,8 @@ def retrieval_grid(captions: Sequence[str], neighbours: Sequence[Sequence[str]],
             if truth is not None and key == truth[r]:
                 draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], outline=(0, 200, 0), width=3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        grid.save(f, format="PNG")
     return path
 
 
@@ -210,13 +209,10 @@ def _model_predict(cfg: Any, meta: dict[str, Any], embed_dim: int, folder: str) 
     ckpt = Path(cfg.path("prior")) / "model.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no diffusion prior to evaluate (train it, then export model.pt)")
-    try:
-        from pipeline.prior.diffusion import load_diffusion_prior
-    except ImportError as exc:
-        raise RuntimeError(f"cannot evaluate {ckpt}: pipeline.prior.diffusion is unavailable ({exc})") from exc
+    from pipeline.prior.checkpoints import load_prior
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_diffusion_prior(str(ckpt))
-    model, trained_on = loaded if isinstance(loaded, tuple) else (loaded, {})  # (model, tokens_meta)
+    model, trained_on = load_prior(str(ckpt), "diffusion")
     model = model.to(device).eval()
     if int(model.shape.embed_dim) != embed_dim:
         raise ValueError(f"{ckpt}: model embed_dim {model.shape.embed_dim} but {folder} holds {embed_dim}-d CLIP "
@@ -297,3 +293,14 @@ def eval_prior(cfg: Any, predict: Predict | None = None, limit: int = 256) -> di
               "retrieval_png": png, "eval_json": str(out / "eval.json"), "seconds": round(time.time() - t0, 2)}
     commit.atomic_write(*commit.fs_and_path(str(out / "eval.json")), json.dumps(result, indent=1).encode())
     return result
+
+
+HEADLINE = ("cos_", "recall", "text_recall", "uncond_recall")
+
+
+def eval_prior_summary(cfg: Any) -> dict[str, Any]:
+    """``eval_prior`` on ``prior.eval_rows`` held-out rows, cut to its headline figures and where the full result
+    (``eval.json``) and the retrieval grid are."""
+    result = eval_prior(cfg, limit=cfg.prior.eval_rows)
+    keep = ("beats_text_baseline", "evaluated", "index_rows", "chance_recall_at_k", "eval_json", "retrieval_png")
+    return {k: v for k, v in result.items() if k.startswith(HEADLINE) or k in keep}

@@ -9,7 +9,6 @@ module DeepSpeed wraps, so ZeRO-3's hooks see every parameter use.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -100,13 +99,3 @@ def update_ema(ema: EMA | None, engine, zero_stage: int) -> None:
             ema.update(model)
     else:
         ema.update(model)
-
-
-def weights_blob(shape: PriorShape | DiffusionShape, weights: dict[str, torch.Tensor], meta: dict[str, Any],
-                 steps: int, ema_weights: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """What ``model.pt`` holds: the diffusion prior's EMA weights are the ones sampling uses (raw ones kept too)."""
-    kind = "diffusion" if isinstance(shape, DiffusionShape) else "ar"
-    blob = {"kind": kind, "shape": asdict(shape), "state_dict": weights, "tokens_meta": meta, "steps": steps}
-    if ema_weights is not None:
-        blob["raw_state_dict"], blob["state_dict"] = weights, ema_weights
-    return blob

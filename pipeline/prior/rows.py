@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import DataError
+
 TOKEN_COLUMNS = ["key", "text_tokens", "image_tokens"]
 EMBED_COLUMNS = ["clip_text_emb", "clip_image_emb"]
 
 
-class DataError(ValueError):
-    """Bad training data; the message names the file (and the row's key where one row is at fault)."""
 
 
 def heldout_mask(keys: Sequence[str], percent: float) -> np.ndarray:

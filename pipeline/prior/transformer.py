@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.config.prior import ATTENTION_KINDS  # one list of kinds, validated by the config too
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-ATTENTION_KINDS = ("dense", "row", "column", "conv")
 
 
 @dataclass(frozen=True)

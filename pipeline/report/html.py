@@ -1,35 +1,30 @@
-"""report.md → a self-contained report.html (images inlined as data URIs), and a headless-browser check of it.
+"""report.md → a self-contained report.html: Python-Markdown (with tables), then a pass over its element tree.
 
-The converter handles the small markdown subset report.py writes: ATX headings, pipe tables (header row plus a
-``|---|`` separator), images ``![title](file.png)``, inline ``code``, ``- `` bullet lists and paragraphs. Every
-image is read from disk and inlined; an image that cannot be read becomes a visible placeholder box (never an
-``<img>``) and is listed in a "missing images" note at the end, so the page never references anything outside itself.
-
-``render_check`` opens the page in a real headless Chromium: one run takes a screenshot, a second dumps the DOM of a
-temporary copy into which a small script was injected that records, for every ``<img>``, whether it decoded.
+The pass reads every image from disk and inlines it as a data: URI; an image that cannot be read (or is not a local
+file) becomes a visible placeholder box (never an ``<img>``) and is listed in a "missing images" note at the end, so
+the page never references anything outside itself. The headless-browser check of the page is test code
+(tests/browser.py).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import mimetypes
 import os
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
+import xml.etree.ElementTree as etree
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from markdown import Markdown
+from markdown.treeprocessors import Treeprocessor
+from markdown.util import code_escape
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-INSTALL_HINT = "chromium not found: run .ci/install-chromium.sh"
+from pipeline.storage.commit import write_text
+
+log = logging.getLogger(__name__)
 
 CSS = """
 body { font-family: "DejaVu Sans", system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f;
@@ -50,13 +45,10 @@ figcaption { color: #666; font-size: .9em; margin-top: .3em; }
 .missing-note { color: #a11; }
 """.strip()
 
-_IMG_RE = re.compile(r"!\[([^\]]*)\]\(\s*([^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
-_INLINE_RE = re.compile(r"(`+)(.+?)\1|" + _IMG_RE.pattern)
-_HEADING_RE = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_SEP_CELL_RE = re.compile(r"^\s*:?-{1,}:?\s*$")
-_LIST_RE = re.compile(r"^\s*[-*]\s+(.*)$")
+_SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # http:, data:, file: ...: never fetched, so never inlined
 _MIME_BY_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
                   (b"RIFF", "image/webp"))
+_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 
 
 @dataclass
@@ -68,84 +60,17 @@ class Converted:
     missing: list[str] = field(default_factory=list)  # file names referenced but not readable / not local
 
 
-class _Images:
-    """Turns image references into <img src="data:..."> (or a placeholder), reading each file once."""
-
-    def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
-        self.inlined: list[str] = []
-        self.missing: list[str] = []
-        self._cache: dict[str, str | None] = {}
-
-    def _data_uri(self, name: str) -> str | None:
-        if name in self._cache:
-            return self._cache[name]
-        uri = None
-        if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", name):  # local path, not http:, data:, file: ...
-            path = self.base_dir / name
-            try:
-                data = path.read_bytes()
-            except OSError:
-                data = None
-            if data:
-                mime = next((m for magic, m in _MIME_BY_MAGIC if data.startswith(magic)), None)
-                mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-                uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-        self._cache[name] = uri
-        return uri
-
-    def render(self, alt: str, name: str) -> str:
-        uri = self._data_uri(name)
-        a, n = html.escape(alt), html.escape(name)
-        if uri is None:
-            if name not in self.missing:
-                self.missing.append(name)
-                log.warning("report_html: image %r not found under %s; rendering a placeholder", name, self.base_dir)
-            return (f'<span class="missing-image" role="img" aria-label="missing image {n}" data-src-name="{n}">'
-                    f"missing image: {n}</span>")
-        if name not in self.inlined:
-            self.inlined.append(name)
-        return f'<img src="{uri}" alt="{a}" data-src-name="{n}" loading="eager">'
-
-
-def _inline(text: str, images: _Images) -> str:
-    """Escape text, keeping `code` spans and ![alt](file) images."""
-    out, pos = [], 0
-    for m in _INLINE_RE.finditer(text):
-        out.append(html.escape(text[pos:m.start()]))
-        if m.group(1):
-            out.append(f"<code>{html.escape(m.group(2).strip())}</code>")
-        else:
-            out.append(images.render(m.group(3), m.group(4)))
-        pos = m.end()
-    out.append(html.escape(text[pos:]))
-    return "".join(out)
-
-
-def _split_row(line: str) -> list[str]:
-    s = line.strip()
-    if s.startswith("|"):
-        s = s[1:]
-    if s.endswith("|") and not s.endswith("\\|"):
-        s = s[:-1]
-    cells = re.split(r"(?<!\\)\|", s)
-    return [c.strip().replace("\\|", "|") for c in cells]
-
-
-def _is_separator(line: str) -> bool:
-    if "|" not in line and "-" not in line:
-        return False
-    cells = _split_row(line)
-    return bool(cells) and all(_SEP_CELL_RE.match(c) for c in cells)
-
-
-def _align(sep_cell: str) -> str:
-    s = sep_cell.strip()
-    if s.startswith(":") and s.endswith(":"):
-        return ' style="text-align:center"'
-    if s.endswith(":"):
-        return ' style="text-align:right"'
-    return ""
+def _data_uri(path: Path) -> str | None:
+    """The file as a data: URI, its MIME type from its magic bytes (the extension may lie); None if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    if not data:  # an empty file would be a broken <img>: a placeholder instead
+        return None
+    mime = next((m for magic, m in _MIME_BY_MAGIC if data.startswith(magic)), None)
+    mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _slug(text: str, used: set[str]) -> str:
@@ -157,115 +82,102 @@ def _slug(text: str, used: set[str]) -> str:
     return slug
 
 
-def convert(markdown: str, base_dir: str | os.PathLike[str] = ".", title: str | None = None) -> Converted:
-    """Convert a markdown text (report.md's subset) to a complete, self-contained HTML page."""
-    images = _Images(Path(base_dir))
-    lines = markdown.splitlines()
-    body: list[str] = []
-    para: list[str] = []
-    used_ids: set[str] = set()
-    first_h1: str | None = None
+def _escape_text(root: etree.Element) -> None:
+    """Escape every text node as ``html.escape`` does (quotes and every ``&``), which the serializer then keeps.
 
-    def flush_para() -> None:
-        if not para:
-            return
-        text = " ".join(s.strip() for s in para)
-        para.clear()
-        m = _IMG_RE.fullmatch(text)
-        if m:  # a paragraph that is only an image: a figure with a caption
-            cap = f"<figcaption>{html.escape(m.group(1))}</figcaption>" if m.group(1) else ""
-            body.append(f"<figure>{images.render(m.group(1), m.group(2))}{cap}</figure>")
+    Python-Markdown's serializer escapes only ``& < >`` and leaves entity references alone; code text it has already
+    escaped for ``& < >``, so that only needs the quotes.
+    """
+    for el in root.iter():
+        if el.text:
+            code = el.tag == "code"
+            el.text = el.text.replace('"', "&quot;").replace("'", "&#x27;") if code else html.escape(el.text)
+        if el.tail:
+            el.tail = html.escape(el.tail)
+
+
+class _ReportTree(Treeprocessor):
+    """Inlines images (or puts placeholders), makes paragraph-only images figures, sets heading ids, escapes text."""
+
+    def __init__(self, md: Markdown, base_dir: Path) -> None:
+        super().__init__(md)
+        self.base_dir = base_dir
+        self.inlined: list[str] = []
+        self.missing: list[str] = []
+        self.first_h1: str | None = None
+        self._uris: dict[str, str | None] = {}  # each file is read once, however often it is referenced
+
+    def run(self, root: etree.Element) -> None:
+        parents = {child: parent for parent in root.iter() for child in parent}
+        for img in list(root.iter("img")):  # document order, so images/missing list in the order they appear
+            self._image(img, parents[img])
+        used: set[str] = set()
+        for el in root.iter():
+            if el.tag in _HEADINGS:
+                text = "".join(el.itertext())
+                if el.tag == "h1" and self.first_h1 is None:
+                    self.first_h1 = text
+                el.set("id", _slug(text, used))
+            elif el.tag in ("th", "td"):
+                # the align attribute is obsolete in HTML5: express it as a style
+                if align := el.attrib.pop("align", None):
+                    el.set("style", f"text-align:{align}")
+                # in a table an escaped pipe is a literal pipe, inside code spans too (as in GitHub's tables)
+                for code in el.iter("code"):
+                    code.text = (code.text or "").replace("\\|", "|")
+        if self.missing:
+            note = etree.SubElement(root, "p", {"class": "missing-note", "id": "missing-images"})
+            note.text = "Missing images (not inlined): "
+            for i, name in enumerate(self.missing):
+                code = etree.SubElement(note, "code")  # text stored escaped, as Python-Markdown stores code spans
+                code.text, code.tail = code_escape(name), (", " if i < len(self.missing) - 1 else None)
+        _escape_text(root)
+
+    def _image(self, img: etree.Element, parent: etree.Element) -> None:
+        name, alt = img.get("src", ""), img.get("alt", "")
+        if name not in self._uris:
+            self._uris[name] = None if _SCHEME_RE.match(name) else _data_uri(self.base_dir / name)
+        uri = self._uris[name]
+        if uri is None:
+            if name not in self.missing:
+                self.missing.append(name)
+                log.warning("report_html: image %r not found under %s; rendering a placeholder", name, self.base_dir)
+            # a box, not an <img>: a broken image icon is easy to miss, and the page must not try to fetch anything
+            new = etree.Element("span", {"class": "missing-image", "data-src-name": name})
+            new.text = f"missing image: {name}"
         else:
-            body.append(f"<p>{_inline(text, images)}</p>")
-
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip():
-            flush_para()
-            i += 1
-            continue
-        h = _HEADING_RE.match(line)
-        if h:
-            flush_para()
-            level, text = len(h.group(1)), h.group(2)
-            if level == 1 and first_h1 is None:
-                first_h1 = text
-            body.append(f'<h{level} id="{_slug(text, used_ids)}">{_inline(text, images)}</h{level}>')
-            i += 1
-            continue
-        if "|" in line and i + 1 < len(lines) and _is_separator(lines[i + 1]):
-            flush_para()
-            header, seps = _split_row(line), _split_row(lines[i + 1])
-            aligns = [_align(s) for s in seps] + [""] * max(0, len(header) - len(seps))
-            rows = []
-            i += 2
-            while i < len(lines) and lines[i].strip() and "|" in lines[i]:
-                rows.append(_split_row(lines[i]))
-                i += 1
-            out = ["<table>", "<thead><tr>"]
-            out += [f"<th{aligns[c]}>{_inline(cell, images)}</th>" for c, cell in enumerate(header)]
-            out.append("</tr></thead>")
-            if rows:
-                out.append("<tbody>")
-                for row in rows:
-                    row = (row + [""] * len(header))[:len(header)]
-                    out.append("<tr>" + "".join(f"<td{aligns[c]}>{_inline(cell, images)}</td>"
-                                                for c, cell in enumerate(row)) + "</tr>")
-                out.append("</tbody>")
-            out.append("</table>")
-            body.append("".join(out))
-            continue
-        if _LIST_RE.match(line):
-            flush_para()
-            items = []
-            while i < len(lines) and (m := _LIST_RE.match(lines[i])):
-                items.append(f"<li>{_inline(m.group(1), images)}</li>")
-                i += 1
-            body.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        para.append(line)
-        i += 1
-    flush_para()
-
-    if images.missing:
-        names = ", ".join(f"<code>{html.escape(n)}</code>" for n in images.missing)
-        body.append(f'<p class="missing-note" id="missing-images">Missing images (not inlined): {names}</p>')
-
-    page_title = html.escape(title or first_h1 or "Run report")
-    page = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{page_title}</title>",
-        f"<style>\n{CSS}\n</style>",
-        "</head>",
-        "<body>",
-        *body,
-        "</body>",
-        "</html>",
-        "",
-    ])
-    return Converted(page, list(images.inlined), list(images.missing))
+            if name not in self.inlined:
+                self.inlined.append(name)
+            new = etree.Element("img", {"src": uri, "alt": alt, "data-src-name": name, "loading": "eager"})
+        new.tail = img.tail
+        parent[list(parent).index(img)] = new
+        # a paragraph holding only an image is a figure, captioned with the alt text
+        if parent.tag == "p" and len(parent) == 1 and not (parent.text or "").strip() and not (new.tail or "").strip():
+            parent.tag = "figure"
+            parent.text = new.tail = None
+            if alt:
+                etree.SubElement(parent, "figcaption").text = alt
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def convert(markdown: str, base_dir: str | os.PathLike[str] = ".", title: str | None = None) -> Converted:
+    """Convert a markdown text to a complete, self-contained HTML page; images resolve relative to ``base_dir``."""
+    md = Markdown(extensions=["tables"], extension_configs={"tables": {"use_align_attribute": True}},
+                  output_format="html")
+    # Markdown text is data here, as report.md's table cells hold arbitrary names: raw HTML and entity references
+    # are shown as text, never passed through (which could also smuggle in a script or a remote <img>).
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    md.inlinePatterns.deregister("entity")
+    tree = _ReportTree(md, Path(base_dir))
+    md.treeprocessors.register(tree, "report_html", -10)  # after Python-Markdown's own passes: text is final
+    body = md.convert(markdown)
+
+    page_title = html.escape(title or tree.first_h1 or "Run report")
+    page = "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+                      '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                      f"<title>{page_title}</title>", f"<style>\n{CSS}\n</style>", "</head>", "<body>", body,
+                      "</body>", "</html>", ""])
+    return Converted(page, list(tree.inlined), list(tree.missing))
 
 
 def write_html(folder: str, markdown_path: str | None = None) -> str:
@@ -277,104 +189,5 @@ def write_html(folder: str, markdown_path: str | None = None) -> str:
     md = Path(markdown_path) if markdown_path is not None else Path(folder) / "report.md"
     result = convert(md.read_text(encoding="utf-8"), md.parent)
     out = Path(folder) / "report.html"
-    _atomic_write(out, result.html)
+    write_text(str(out), result.html)
     return str(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Headless browser check
-
-_STATUS_SCRIPT = """<script>
-window.addEventListener("load", function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var status = imgs.map(function (img, i) {
-    return {name: img.getAttribute("data-src-name") || img.getAttribute("alt") || ("#" + i),
-            ok: !!(img.complete && img.naturalWidth > 0), w: img.naturalWidth, h: img.naturalHeight};
-  });
-  var pre = document.createElement("pre");
-  pre.id = "img-status";
-  pre.textContent = JSON.stringify({images: status,
-                                    placeholders: document.querySelectorAll(".missing-image").length});
-  document.body.appendChild(pre);
-});
-</script>"""
-
-_STATUS_RE = re.compile(r'<pre id="img-status">(.*?)</pre>', re.S)
-
-
-def find_chromium() -> str:
-    """The first of chromium / chromium-browser / google-chrome on PATH; FileNotFoundError with the install hint."""
-    for name in CHROMIUM_NAMES:
-        path = shutil.which(name)
-        if path:
-            return path
-    raise FileNotFoundError(INSTALL_HINT)
-
-
-def _run_browser(args: list[str], timeout_s: float) -> tuple[int, str, str]:
-    """Run chromium in its own process group; on timeout kill that whole group (renderers, zygote, gpu...)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=max(1.0, timeout_s))
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
-        raise TimeoutError(f"chromium did not finish within {timeout_s:.0f}s: {' '.join(args[:3])} ...") from None
-    return proc.returncode, out, err
-
-
-def _base_args(binary: str, profile: str) -> list[str]:
-    return [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-            "--disable-background-networking", "--disable-sync", "--mute-audio", "--hide-scrollbars",
-            "--allow-file-access-from-files"]
-
-
-def render_check(html_path: str, screenshot_path: str, timeout_s: float = 60) -> dict:
-    """Open ``html_path`` in headless Chromium: screenshot it, and report which <img> elements actually decoded.
-
-    Returns ``{"images": n, "loaded": k, "broken": [names], "screenshot_bytes": size, "placeholders": p,
-    "elapsed_s": t}``. Raises FileNotFoundError (with the install hint) when no browser is on PATH,
-    TimeoutError past ``timeout_s`` (whole call), RuntimeError when the browser fails.
-    """
-    binary = find_chromium()
-    deadline = time.monotonic() + timeout_s
-    t0 = time.monotonic()
-    src = Path(html_path).resolve()
-    shot = Path(screenshot_path).resolve()
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    if shot.exists():
-        shot.unlink()
-
-    with tempfile.TemporaryDirectory(prefix="report-html-check-") as tmp:
-        tmpdir = Path(tmp)
-        # (a) screenshot of the report itself
-        args = _base_args(binary, str(tmpdir / "profile-shot")) + [
-            f"--screenshot={shot}", "--window-size=1200,3000", src.as_uri()]
-        rc, _, err = _run_browser(args, deadline - time.monotonic())
-        if rc != 0 or not shot.exists():
-            raise RuntimeError(f"chromium screenshot failed (rc={rc}): {err[-2000:]}")
-
-        # (b) DOM dump of a copy with the status script injected before </body>
-        page = src.read_text(encoding="utf-8")
-        idx = page.lower().rfind("</body>")
-        page = page[:idx] + _STATUS_SCRIPT + page[idx:] if idx >= 0 else page + _STATUS_SCRIPT
-        probe = tmpdir / "probe.html"
-        probe.write_text(page, encoding="utf-8")
-        args = _base_args(binary, str(tmpdir / "profile-dom")) + [
-            "--virtual-time-budget=5000", "--window-size=1200,3000", "--dump-dom", probe.as_uri()]
-        rc, dom, err = _run_browser(args, deadline - time.monotonic())
-        found = _STATUS_RE.findall(dom)  # the injected <pre> is the last element of <body>
-        if not found:
-            raise RuntimeError(f"chromium --dump-dom gave no #img-status (rc={rc}, {len(dom)} chars of DOM): "
-                               f"{err[-2000:]}")
-        status = json.loads(html.unescape(found[-1]))
-
-    imgs = status["images"]
-    return {"images": len(imgs), "loaded": sum(1 for s in imgs if s["ok"]),
-            "broken": [s["name"] for s in imgs if not s["ok"]], "screenshot_bytes": shot.stat().st_size,
-            "placeholders": status.get("placeholders", 0), "elapsed_s": round(time.monotonic() - t0, 2)}

@@ -1,8 +1,8 @@
-"""The DeepSpeed seam: the ds_config built from the typed config, the launcher, engine set-up, and checkpoints.
+"""The DeepSpeed seam: the ds_config built from the typed config, the launcher, engine set-up, the engine's side of
+checkpoints (save, load, consolidation), and DeepSpeed's ZeRO-3 memory estimator.
 
-Only this module (and jobs/) imports deepspeed. Checkpoints follow the commit protocol: DeepSpeed's own ``latest``
-file is not used (it is written before the ranks finish); after a barrier, rank 0 writes ``complete.json`` in the tag
-folder and then the ``latest_complete`` pointer. Resume trusts only that pointer and refuses a load that finds nothing.
+Only this module imports deepspeed. Checkpoints are committed by ``pipeline.storage.checkpoints`` (complete.json and
+the ``latest_complete`` pointer after every rank finished); this module only moves state in and out of the engine.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from pipeline.config import PriorConfig
+from pipeline.errors import CheckpointError
+from pipeline.storage.checkpoints import Checkpoints, fault_point, tag_of
+from pipeline.storage.commit import write_text
 
-
-class CheckpointError(RuntimeError):
-    pass
+__all__ = ["CheckpointError"]  # raised here; defined with the other user-facing errors
 
 
 def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, warmup_steps: int, zero_stage: int,
@@ -189,103 +190,33 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def fault_point(where: str, step: int, rank: int) -> None:
-    """Crash-test hook: ``PIPELINE_PRIOR_FAULT=<where>:<step>[:<rank>]`` makes that rank (default 0) exit hard at
-    that point, as a killed process would: no exception handlers, no cleanup. Unset in normal runs."""
-    spec = os.environ.get("PIPELINE_PRIOR_FAULT", "")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] == where and int(parts[1]) == step and rank == (int(parts[2]) if len(parts) > 2 else 0):
-        print(f"[fault] rank {rank} exits hard at {where}:{step}", flush=True)
-        os._exit(17)
-
-
 def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any],
                     rank_state: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
                     keep: int = 0) -> str:
-    """Save tag ``step{step:08d}``; it counts only once ``complete.json`` (with every file's size) and the
-    ``latest_complete`` pointer are written, after all ranks finished. ``rank_state`` is saved per rank
-    (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes into the tag (e.g. the ds_config).
-    ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints afterwards."""
-    tag = f"step{step:08d}"
+    """Save tag ``step{step:08d}`` and commit it (``pipeline.storage.checkpoints``) once every rank has written its
+    part. ``rank_state`` is saved per rank (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes
+    into the tag (e.g. the ds_config). ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints."""
+    ckpts = Checkpoints(folder)
+    tag = tag_of(step)
     engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
-    tag_dir = os.path.join(folder, tag)
     if rank_state is not None:
-        torch.save(rank_state, os.path.join(tag_dir, f"rank{engine.global_rank}.pt"))
+        torch.save(rank_state, ckpts.path(tag, f"rank{engine.global_rank}.pt"))
     if engine.global_rank == 0:
         for name, obj in (files or {}).items():
-            with open(os.path.join(tag_dir, name), "w") as f:
-                json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            write_text(ckpts.path(tag, name), json.dumps(obj, indent=1, sort_keys=True, default=str))
     fault_point("save", step, engine.global_rank)
     _barrier()  # every rank's shards are on disk before anything says the checkpoint exists
     if engine.global_rank == 0:
-        sizes = {os.path.relpath(os.path.join(d, n), tag_dir): os.path.getsize(os.path.join(d, n))
-                 for d, _, names in os.walk(tag_dir) for n in names if n != "complete.json"}
-        _write_atomic(os.path.join(tag_dir, "complete.json"),
-                      json.dumps({"step": step, "world_size": engine.world_size, "files": sizes}, sort_keys=True))
-        _write_atomic(os.path.join(folder, "latest_complete"), tag)
-        if keep > 0:
-            prune_checkpoints(folder, keep)
+        ckpts.commit(tag, step, engine.world_size)
+        ckpts.prune(keep)
     _barrier()
     return tag
 
 
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def checkpoint_tags(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(n for n in os.listdir(folder) if n.startswith("step") and os.path.isdir(os.path.join(folder, n)))
-
-
-def prune_checkpoints(folder: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest complete."""
-    import shutil
-
-    latest = latest_complete(folder)
-    complete = [t for t in checkpoint_tags(folder) if os.path.exists(os.path.join(folder, t, "complete.json"))]
-    doomed = complete[:-keep] + [t for t in checkpoint_tags(folder) if t not in complete and latest and t < latest]
-    for t in doomed:
-        shutil.rmtree(os.path.join(folder, t), ignore_errors=True)
-    return doomed
-
-
-def latest_complete(folder: str) -> str | None:
-    path = os.path.join(folder, "latest_complete")
-    if not os.path.exists(path):
-        return None
-    tag = open(path).read().strip()
-    if not os.path.exists(os.path.join(folder, tag, "complete.json")):
-        raise CheckpointError(f"{folder}: latest_complete names {tag}, which has no complete.json")
-    return tag
-
-
-def verify_checkpoint(folder: str, tag: str) -> dict[str, Any]:
-    """complete.json of ``tag``, after checking every file it lists is there with its recorded size."""
-    tag_dir = os.path.join(folder, tag)
-    try:
-        record = json.loads(open(os.path.join(tag_dir, "complete.json")).read())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{tag_dir}/complete.json: unreadable ({exc})") from exc
-    for rel, size in record.get("files", {}).items():
-        path = os.path.join(tag_dir, rel)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: missing from checkpoint {tag} (complete.json lists it)")
-        if os.path.getsize(path) != size:
-            raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes, complete.json recorded {size}; "
-                                  "the checkpoint is corrupt or partial")
-    return record
-
-
 def load_checkpoint(engine, folder: str, tag: str) -> dict[str, Any]:
-    record = verify_checkpoint(folder, tag)
+    """The client state of checkpoint ``tag`` after loading it into ``engine``; refuses a partial checkpoint, a
+    different rank count, or a load in which DeepSpeed finds nothing (it returns (None, None) rather than raising)."""
+    record = Checkpoints(folder).verify(tag)
     if record.get("world_size", engine.world_size) != engine.world_size:
         raise CheckpointError(f"{folder}/{tag}: written by {record['world_size']} ranks, resuming on "
                               f"{engine.world_size}; resume with the same number of ranks")

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
+
+
+def timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s summary with its wall-clock seconds added as ``wall_s``."""
+    t0 = time.time()
+    summary = fn()
+    summary["wall_s"] = round(time.time() - t0, 2)
+    return summary
 
 
 class Progress:

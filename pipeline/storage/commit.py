@@ -10,17 +10,22 @@ differ is refused before it writes anything, with the list of keys that changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
 
+from pipeline.errors import RunMismatchError
 
-class RunMismatchError(RuntimeError):
-    """An existing output folder was written with different settings."""
+__all__ = ["RunMismatchError"]  # callers catch it from here too
+
+
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -40,17 +45,62 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Publish ``data`` at ``path`` whole or not at all."""
-    if _is_local(fs):
+def join(base: str, *parts: str) -> str:
+    """``base`` (a local path or any fsspec URL) joined with ``parts`` as a URL: ``s3://b/run`` + ``tokens`` is
+    ``s3://b/run/tokens`` (``pathlib`` would drop a slash of the scheme and give ``s3:/b/run/tokens``)."""
+    out = base.rstrip("/") if base not in ("", "/") else base
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}" if out and out != "/" else f"{out}{part}"
+    return out
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs: the filesystem a library that cannot read URLs can open."""
+    return "://" not in url or url.startswith("file://")
+
+
+@contextlib.contextmanager
+def atomic_output(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A file to write whose content appears at ``url`` whole or not at all: every writer of the project publishes
+    through here (or ``atomic_write``). Locally a temporary file beside the target, fsynced and renamed over it; on
+    an object store a local temporary file uploaded with one PUT once it is complete. On an exception the temporary
+    file is removed and the target is left as it was."""
+    fs, path = fs_and_path(url)
+    local = _is_local(fs)
+    if local:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="pipeline-upload-")
+        os.close(fd)
+    try:
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Publish ``data`` at ``path`` of ``fs`` whole or not at all."""
+    if _is_local(fs):
+        with atomic_output(path) as f:
+            f.write(data)
     else:  # an object store PUT of one body is atomic
         fs.pipe_file(path, data)
+
+
+def write_text(url: str, text: str) -> None:
+    """``text`` at ``url`` (local path or URL), atomically."""
+    atomic_write(*fs_and_path(url), text.encode())
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -93,25 +143,26 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return changes
 
 
-def claim_run(fs: fsspec.AbstractFileSystem, folder: str, stage: str, settings: dict[str, Any]) -> bool:
-    """Record (or check) the settings that shape a folder's shards. Returns True when the folder is new.
+def claim_run(fs: fsspec.AbstractFileSystem, folder: str, stage: str, settings: dict[str, Any], *,
+              replace: bool = False, refusal: str = "refusing to mix shards",
+              hint: str = "Use a new output folder, or restore the old settings to resume.") -> bool:
+    """The run record ``<folder>/_run.json``: the stage and the settings that shape what the folder holds (shards, or
+    the checkpoints a trainer resumes). Returns True when the record was (re)written, False when it matched.
 
-    Raises RunMismatchError, before anything is written, when the folder was made with other settings.
+    A record with another stage or other settings raises ``RunMismatchError`` before anything is written, listing
+    every changed key, then ``refusal`` and ``hint``; ``replace=True`` (a trainer starting over) overwrites it.
     """
     path = f"{folder}/_run.json"
     settings = json.loads(json.dumps(settings, default=str))
-    if fs.exists(path):
+    if fs.exists(path) and not replace:
         with fs.open(path, "rb") as f:
             old = json.loads(f.read())
         if old.get("stage") != stage:
             raise RunMismatchError(f"{folder} holds output of stage '{old.get('stage')}', not '{stage}'")
         changes = _diff(old.get("settings", {}), settings)
         if changes:
-            raise RunMismatchError(
-                f"{folder} was written with different settings; refusing to mix shards. Changed: "
-                + "; ".join(changes)
-                + ". Use a new output folder, or restore the old settings to resume."
-            )
+            raise RunMismatchError(f"{folder} was written with different settings; {refusal}. Changed: "
+                                   + "; ".join(changes) + f". {hint}")
         return False
     fs.makedirs(folder, exist_ok=True)
     doc = {"stage": stage, "settings": settings, "fingerprint": fingerprint(settings)}

@@ -1,0 +1,3 @@
+"""Image shards → token shards: decode and encode (``encode``), the exactly-once writer (``writer``), the stage
+(``run``) and the clip-retrieval export (``export``).
+"""

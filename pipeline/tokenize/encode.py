@@ -1,7 +1,8 @@
-"""Image shards → token shards: decode, then encode with the dVAE, CLIP and CLIP's BPE, then commit per shard.
+"""Image shards → encoded rows: ``decode_shard`` reads and decodes one committed image shard (a CPU task), ``Encoder``
+turns batches of decoded rows into dVAE codes, CLIP embeddings and BPE ids (an actor, on a GPU when it has one).
 
-Pure logic over batches; ``pipeline.runtime.ray_seam`` runs ``decode_shard`` as a Ray Data ``flat_map`` and ``Encoder``
-as an actor pool, then calls ``write_token_shard`` once a shard's rows are all encoded.
+Pure logic over batches; ``pipeline.tokenize.run`` wires them into a Ray Data pipeline through the Ray seam and
+``pipeline.tokenize.writer`` commits the rows of each shard.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from pipeline.clip import model as clip_lib
 from pipeline.dvae.model import load_dvae
 from pipeline.storage import commit, schema, shards
+from pipeline.tokenize.writer import SHARD_ERROR
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,15 @@ class EncoderSpec:
     """Pixel size the dVAE encodes (the download stage's image_size)."""
 
 
-SHARD_ERROR = "__shard_error__"  # key of the single row a shard yields when the whole shard cannot be read
+
+
+def encoder_spec(cfg: Any) -> EncoderSpec:
+    """The run's encoders: its ``dvae.pt``, its CLIP (``clip_arch``) and the download's image size."""
+    import os
+
+    return EncoderSpec(dvae_path=os.path.abspath(os.path.join(cfg.path("dvae"), "dvae.pt")),
+                       clip_arch=clip_lib.clip_arch(cfg), clip_pretrained=cfg.clip.pretrained,
+                       image_size=cfg.download.image_size)
 
 
 def decode_shard(images_folder: str, shard_id: int, image_size: int, expected: int,
@@ -138,36 +148,3 @@ class Encoder:
             padded[r, : len(toks)] = toks
         out["text_tokens"] = padded
         return out
-
-
-def write_token_shard(folder: str, shard_id: int, rows: dict[str, Any], metadata: dict[str, Any],
-                      rejects: dict[str, str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
-    """Commit one token shard: Parquet first (atomically), marker last. Rows are sorted by key.
-
-    ``rejects`` (key → reason) goes into the marker, so rows + rejects = the image shard's samples, by key.
-    """
-    order = np.argsort(np.asarray(rows["key"]), kind="stable")
-    sorted_rows = {k: [v[i] for i in order] if isinstance(v, list) else np.asarray(v)[order] for k, v in rows.items()}
-    sorted_rows["text_tokens"] = [[int(t) for t in r if t >= 0] for r in sorted_rows["text_tokens"]]
-    keys = list(sorted_rows["key"])
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"token shard {shard_id:05d}: duplicate keys")
-    meta = dict(metadata, source_shard=f"{shard_id:05d}")
-    table = schema.build_table(sorted_rows, metadata["grid"], metadata["embed_dim"], meta)
-    data = schema.table_bytes(table)
-    fs, path = commit.fs_and_path(folder)
-    fs.makedirs(path, exist_ok=True)
-    commit.atomic_write(fs, f"{path}/{shard_id:05d}.parquet", data)
-    rejects = rejects or {}
-    if set(rejects) & set(keys):
-        raise ValueError(f"token shard {shard_id:05d}: keys both written and rejected")
-    reasons: dict[str, int] = {}
-    for reason in rejects.values():
-        reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
-    manifest = {"shard_id": shard_id, "rows": len(keys), "first_key": keys[0] if keys else None,
-                "last_key": keys[-1] if keys else None, "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "rejects": dict(sorted(reasons.items())),
-                "rejected_keys": dict(sorted(rejects.items())), "seconds": round(seconds, 3),
-                "images_per_s": round((len(keys) + len(rejects)) / seconds, 2) if seconds > 0 else None}
-    commit.write_marker(fs, path, shard_id, manifest)
-    return manifest

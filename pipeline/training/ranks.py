@@ -1,0 +1,113 @@
+"""What every training rank does the same way, whichever model it trains: its entry point (the ``deepspeed``
+launcher, Ray Train, or a plain process as one rank), its thread count, and the seeds and RNG state that make a
+resumed run draw exactly what an uninterrupted one drew."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.runtime import ds_seam
+
+T = TypeVar("T")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed that is a function of (seed, step, rank) alone."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Every random draw of a step (caption dropout, noise, timesteps) comes from here, so a resumed run draws
+    exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed(step_seed(seed, step, rank))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def single_rank_env() -> Iterator[bool]:
+    """Outside a launcher (no WORLD_SIZE): make this process rank 0 of 1 for as long as it trains."""
+    if "WORLD_SIZE" in os.environ:
+        yield False
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield True
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def write_resolved_config(cfg: Config, out: str) -> str:
+    """``out/config.yaml``: the whole config a training run uses, what its ranks load."""
+    import yaml
+
+    from pipeline.config import to_dict
+    from pipeline.storage.commit import write_text
+
+    os.makedirs(out, exist_ok=True)
+    resolved = os.path.join(out, "config.yaml")
+    write_text(resolved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return resolved
+
+
+def launch_ranks(module: str, cfg: Config, out: str, num_procs: int, prefix: str) -> None:
+    """Run ``python -m <module> --config <out>/config.yaml`` on ``num_procs`` ranks through the deepspeed launcher
+    (``out/launcher.log``), echoing rank 0's ``prefix`` lines."""
+    resolved = write_resolved_config(cfg, out)
+    ds_seam.launch(module, resolved, num_procs, os.path.join(out, "launcher.log"), prefix)
+
+
+def rank_main(argv: list[str] | None, description: str, train: Callable[[Config, int, int], T]) -> T:
+    """``--config FILE [dotted.key=value ...]`` (plus the launcher's ``--local_rank``) → ``train(cfg, rank, world)``
+    on this rank, in a DeepSpeed process group (one rank of one when no launcher started this process)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    threads = torch.get_num_threads()
+    with single_rank_env() as standalone:
+        world = int(os.environ["WORLD_SIZE"])
+        if not torch.cuda.is_available():  # CPU ranks share the machine's cores (OMP_NUM_THREADS, if set, wins)
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world)))
+        ds_seam.init_distributed()
+        try:
+            return train(cfg, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        finally:
+            # The one-rank process group stays for a later call in this process: DeepSpeed caches its groups.
+            if standalone:
+                torch.set_num_threads(threads)

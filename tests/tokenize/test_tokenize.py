@@ -1,0 +1,205 @@
+"""Tokenize on a real local Ray cluster with tiny models: exact schema, same keys, rejects, exactly once under kills."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_tiny_models
+
+from pipeline.config import load_config
+from pipeline.download.run import run_download
+from pipeline.storage import commit, schema, shards
+from pipeline.tokenize.encode import encoder_spec
+from pipeline.tokenize.run import run_tokenize
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_cluster, image_server, tiny_samples):
+    """Committed image shards downloaded from the loopback server, a random tiny dVAE and a 1-step tiny CLIP."""
+    root = tmp_path_factory.mktemp("tok")
+    samples = tiny_samples[0][:48]
+    pd.DataFrame({"url": [image_server.url(s.index) for s in samples],
+                  "caption": [s.caption for s in samples]}).to_parquet(root / "urls.parquet")
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={root / 'run'}", f"download.input={root / 'urls.parquet'}",
+                                            "download.allow_private_addresses=true", "download.shard_size=16",
+                                            "clip.steps=1", "tokenize.batch_size=8"])
+    run_download(cfg)
+    make_tiny_models(cfg)
+    return cfg
+
+
+def with_tokens(cfg, name: str):
+    c = load_config("configs/tiny.yaml", [f"run_dir={cfg.run_dir}", f"tokenize.output={cfg.run_dir}/{name}",
+                                          "tokenize.batch_size=8"])
+    return c, encoder_spec(c)
+
+
+def test_schema_and_keys_match_the_download(workspace):
+    cfg, spec = with_tokens(workspace, "tokens_schema")
+    summary = run_tokenize(cfg, spec)
+    assert summary["rows"] == summary["rows_in"] == 48 and summary["rejects"] == 0
+    table, meta = schema.read_token_shards(cfg.path("tokens"))
+    want = schema.token_schema(meta["grid"], meta["embed_dim"])
+    assert table.schema.remove_metadata() == want, table.schema
+    assert table.schema.field("image_tokens").type == pa.list_(pa.uint16(), meta["grid"] ** 2)
+    assert table.schema.field("clip_image_emb").type == pa.list_(pa.float16(), meta["embed_dim"])
+    assert table.schema.field("text_tokens").type == pa.list_(pa.uint16())
+    keys = sorted(k for k, _, _ in shards.iter_images(cfg.path("tokens_input"), 16))
+    assert sorted(table.column("key").to_pylist()) == keys
+    emb = np.stack(table.column("clip_image_emb").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
+    marker = json.loads(open(cfg.path("tokens") + "/00000.done.json").read())
+    assert marker["rows"] == 16 and marker["rejects"] == {} and marker["images_per_s"] > 0
+
+
+def test_bad_samples_become_rejects_and_a_tampered_shard_is_named(workspace, tmp_path):
+    """Copy the image shards, break some samples (and one whole shard), tokenize: rows + rejects = input."""
+    src = workspace.path("images")
+    dst = tmp_path / "images"
+    dst.mkdir()
+    for name in os.listdir(src):
+        if name.endswith((".tar", ".parquet", "_stats.json", ".done.json")) or name == "_run.json":
+            (dst / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    tar0 = dst / "00000.tar"
+    members = []
+    with tarfile.open(tar0) as t:
+        for m in t.getmembers():
+            members.append((m.name, t.extractfile(m).read()))
+    keys = sorted({n.split(".")[0] for n, _ in members})
+    broken = {keys[0]: "jpg", keys[1]: "txt", keys[2]: "txt"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            if key == keys[0] and ext == "jpg":
+                data = b"\xff\xd8 not really a jpeg"
+            if key == keys[1] and ext == "txt":
+                data = b"   "
+            if key == keys[2] and ext == "txt":
+                data = b"caf\xe9"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    tar0.write_bytes(buf.getvalue())
+    marker = json.loads((dst / "00000.done.json").read_text())  # re-commit the edited shard (as if it came so)
+    marker["files"]["00000.tar"]["sha256"] = commit.sha256_file(*commit.fs_and_path(str(tar0)))
+    (dst / "00000.done.json").write_text(json.dumps(marker))
+    tar1 = dst / "00001.tar"
+    tar1.write_bytes(tar1.read_bytes()[:5000])  # truncated after commit: its marker's sha256 no longer matches
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={workspace.run_dir}", f"tokenize.input={dst}",
+                                            f"tokenize.output={tmp_path / 'tokens'}", "tokenize.batch_size=8"])
+    summary = run_tokenize(cfg, encoder_spec(cfg))
+    assert list(summary["shards_failed"]) == ["00001"] and "00001.tar changed since it was committed" in \
+        summary["shards_failed"]["00001"]
+    done = json.loads((tmp_path / "tokens" / "00000.done.json").read_text())
+    assert done["rejects"] == {"bad_caption": 1, "decode_error": 1, "empty_caption": 1}
+    assert set(done["rejected_keys"]) == set(broken)
+    t0 = pq.read_table(tmp_path / "tokens" / "00000.parquet")
+    assert t0.num_rows + len(done["rejected_keys"]) == 16
+    assert not (tmp_path / "tokens" / "00001.done.json").exists()
+
+
+def _encoder_pids() -> list[int]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "MapWorker" in cmd and "Encoder" in cmd:
+            out.append(p.pid)
+    return out
+
+
+def test_killed_encoder_actors_lose_and_duplicate_nothing(workspace):
+    clean_cfg, spec = with_tokens(workspace, "tokens_clean")
+    run_tokenize(clean_cfg, spec)
+    cfg, _ = with_tokens(workspace, "tokens_killed")
+    rng = random.Random(1234)
+    killed: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_tokenize(cfg, spec)
+        except BaseException as exc:  # noqa: BLE001 — a run may give up after kills; the rerun below resumes it
+            errors.append(exc)
+
+    job = threading.Thread(target=run)
+    job.start()
+    deadline = time.monotonic() + 180
+    while job.is_alive() and len(killed) < 3 and time.monotonic() < deadline:
+        pids = [p for p in _encoder_pids() if p not in killed]
+        if pids:
+            time.sleep(rng.uniform(0.0, 1.0))  # seeded: sometimes while loading models, sometimes mid-batch
+            try:
+                psutil.Process(pids[0]).kill()
+                killed.append(pids[0])
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.05)
+    job.join(240)
+    assert not job.is_alive(), "tokenize hung after actors were killed"
+    assert len(killed) >= 3
+    run_tokenize(cfg, spec)  # finish whatever the last kill interrupted
+    for sid in range(3):
+        a = open(f"{clean_cfg.path('tokens')}/{sid:05d}.parquet", "rb").read()
+        b = open(f"{cfg.path('tokens')}/{sid:05d}.parquet", "rb").read()
+        assert a == b, f"shard {sid} differs from the clean run"
+    table, _ = schema.read_token_shards(cfg.path("tokens"))
+    assert table.num_rows == 48 and len(set(table.column("key").to_pylist())) == 48
+
+
+def test_s3_input_and_output(workspace, s3):
+    """The same job with s3:// input and output on the loopback S3 server; a rerun writes nothing."""
+    src = workspace.path("images")
+    for name in os.listdir(src):
+        if name.endswith((".tar", ".parquet", "_stats.json", ".done.json")) or name == "_run.json":
+            s3.put(os.path.join(src, name), f"laion/tok-images/{name}")
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={workspace.run_dir}", "tokenize.input=s3://laion/tok-images",
+                                            "tokenize.output=s3://laion/tokens", "tokenize.batch_size=8"])
+    summary = run_tokenize(cfg, encoder_spec(cfg))
+    assert summary["rows"] == 48 and summary["shards_written"] == 3
+    table, _ = schema.read_token_shards("s3://laion/tokens")
+    assert sorted(table.column("key").to_pylist()) == sorted(k for k, _, _ in shards.iter_images(src, 16))
+    again = run_tokenize(cfg, encoder_spec(cfg))
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 3
+
+
+def test_eval_dvae_scores_held_out_images(workspace):
+    """`eval-dvae` on the same committed images: figures, a PNG, and a clear error for a checkpoint that is not one."""
+    from pipeline.cli import main
+
+    assert main(["eval-dvae", "--config", "configs/tiny.yaml", f"run_dir={workspace.run_dir}",
+                 "dvae.heldout_images=8"]) == 0
+    result = json.loads(open(os.path.join(workspace.path("dvae"), "eval.json")).read())
+    assert result["heldout_images"] == 8 and result["codes_used"] + result["dead_codes"] == 32
+    assert 1.0 <= result["perplexity"] <= 32 and result["heldout_mse"] > 0
+    assert open(result["reconstructions_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_command_writes_clip_retrieval_layout(workspace, tmp_path):
+    from pipeline.cli import main
+
+    cfg, spec = with_tokens(workspace, "tokens_schema")
+    run_tokenize(cfg, spec)  # resumes: nothing to do if the schema test already wrote it
+    assert main(["export", "--config", "configs/tiny.yaml", f"run_dir={workspace.run_dir}",
+                 f"tokenize.output={cfg.path('tokens')}", f"tokenize.export={tmp_path / 'cr'}"]) == 0
+    emb = np.load(tmp_path / "cr" / "img_emb" / "img_emb_00000.npy")
+    meta = pq.read_table(tmp_path / "cr" / "metadata" / "metadata_00000.parquet").to_pydict()
+    table, _ = schema.read_token_shards(cfg.path("tokens"))
+    first = table.slice(0, 16)
+    assert emb.dtype == np.float16 and emb.shape == (16, table.schema.field("clip_image_emb").type.list_size)
+    assert meta["key"] == first.column("key").to_pylist()
+    assert np.array_equal(emb, np.stack(first.column("clip_image_emb").to_numpy(zero_copy_only=False)))
