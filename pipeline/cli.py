@@ -13,7 +13,7 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.errors import FINISHED_WITH_FAILURES, PipelineError  # noqa: E402
 
 STAGES: dict[str, str] = {
     "download": "URL list (parquet/csv/tsv/jsonl, local or s3://) → resized webdataset image shards, on Ray tasks",
@@ -36,24 +36,33 @@ RUNNERS = {"download": "download", "train-dvae": "train_dvae", "train-clip": "tr
            "eval-dvae": "eval_dvae", "eval-prior": "eval_prior", "sample": "sample"}
 
 
-def _run(stage: str, cfg: Config, args: argparse.Namespace) -> None:
-    """Run one command through ``pipeline.stages`` and print what it returns."""
+def _run(stage: str, cfg: Config, args: argparse.Namespace) -> int:
+    """Run one command through ``pipeline.stages``, print what it returns; the exit code (0, or
+    ``FINISHED_WITH_FAILURES`` when shards failed: a script chaining stages must not carry on with missing data)."""
     from pipeline import stages
 
     if stage == "plan":  # pure arithmetic on the config: no stage runs
         from pipeline.capacity import format_plan
 
         print(format_plan(stages.plan(cfg, int(args.samples), args.gpus, gpu_mem_gb=args.gpu_mem_gb)))
-        return
+        return 0
     if stage == "demo":
         result = stages.demo(cfg)
         for name, st in result["stages"].items():
             print(f"[demo] {name}: {st.get('wall_s', 0):.1f}s", flush=True)
         print(f"demo ok: report={result['report']} match={result['match']:.3f} chance={result['chance']:.3f}",
               flush=True)
-        return
+        return 0
     runner: Callable[[Config], dict[str, Any]] = getattr(stages, RUNNERS[stage])
-    print(json.dumps(runner(cfg), default=str))
+    summary = runner(cfg)
+    print(json.dumps(summary, default=str))
+    failed = summary.get("shards_failed") or {}
+    if failed:
+        names = ", ".join(sorted(failed)[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        print(f"error: {stage} finished with failures: {len(failed)} shard(s) failed ({names}); the summary above "
+              "names each reason; fix the cause and rerun (committed shards are kept)", file=sys.stderr)
+        return FINISHED_WITH_FAILURES
+    return 0
 
 
 def build_parser(prog: str = "python -m pipeline", only: str | None = None) -> argparse.ArgumentParser:
@@ -82,8 +91,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline") -> int
     logging.getLogger("pipeline").setLevel(logging.INFO)
     overrides = list(args.overrides) + (["download.retry_failed=true"] if getattr(args, "retry_failed", False) else [])
     try:
-        _run(args.stage, load_config(args.config, overrides), args)
+        return _run(args.stage, load_config(args.config, overrides), args)
     except PipelineError as exc:  # bad input or config: one line naming what and where, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return 0

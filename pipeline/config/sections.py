@@ -175,6 +175,7 @@ class DVAEConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_procs > 0, "dvae.num_procs", "must be > 0")
+        _check(self.batch_size > 0, "dvae.batch_size", "must be > 0")  # the sign is the fault, not the remainder
         _check(self.batch_size % self.num_procs == 0, "dvae.batch_size", "must be divisible by dvae.num_procs")
         _check(self.zero_stage in (0, 1, 2), "dvae.zero_stage", "must be 0, 1 or 2")
         for name in ("warmup_steps", "save_every", "keep_checkpoints", "grid_every", "heldout_images",
@@ -187,7 +188,6 @@ class DVAEConfig:
         _check(self.group_count >= 1, "dvae.group_count", "must be >= 1")
         _check(self.n_blk_per_group >= 1, "dvae.n_blk_per_group", "must be >= 1")
         _check(self.steps > 0, "dvae.steps", "must be > 0")
-        _check(self.batch_size > 0, "dvae.batch_size", "must be > 0")
         _check(self.lr > 0, "dvae.lr", "must be > 0")
         _check(0 < self.temp_end <= self.temp_start, "dvae.temp_end", "must be in (0, temp_start]")
         _check(self.kl_weight >= 0, "dvae.kl_weight", "must be >= 0")

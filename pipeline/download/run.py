@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.download import planner, runs
 from pipeline.download.shard import ShardPlan, download_shard
+from pipeline.errors import InputError
 from pipeline.runtime import ray_seam
 from pipeline.runtime.progress import Progress
 from pipeline.storage import commit
@@ -48,7 +49,7 @@ def run_download(cfg: Config) -> dict[str, Any]:
     plans, total = planner.plan_shards(dcfg, files, done, plan_dir)
     if dcfg.retry_failed:
         if plans:
-            raise RuntimeError(f"download.retry_failed: {len(plans)} shards of the URL list are not committed yet; "
+            raise InputError(f"download.retry_failed: {len(plans)} shards of the URL list are not committed yet; "
                                "finish the run first (rerun without retry_failed)")
         plans = runs.plan_retry_round(output, plan_dir, dcfg.shard_size, total)
     log.info("download: %d shards to fetch, %d already committed", len(plans), len(done))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import DataError, NotFoundError
 from pipeline.storage import shards
 
 
@@ -27,7 +28,7 @@ def load_image_array(images_folder: str, size: int, limit: int = 0) -> tuple[np.
         if limit and len(arrs) >= limit:
             break
     if not arrs:
-        raise FileNotFoundError(f"{images_folder}: no committed images to train on")
+        raise NotFoundError(f"{images_folder}: no committed images to train on")
     return np.stack(arrs), keys, caps
 
 
@@ -38,7 +39,7 @@ def shard_counts(folder: str) -> dict[int, int]:
         n = manifest.get("successes")
         counts[sid] = int(n) if n is not None else len(shards.read_shard_samples(folder, sid))
     if not sum(counts.values()):
-        raise FileNotFoundError(f"{folder}: no committed images to train on")
+        raise NotFoundError(f"{folder}: no committed images to train on")
     return counts
 
 
@@ -72,7 +73,7 @@ class ShardStream:
         self.shard_ids = np.array(sorted(self.rows), dtype=np.int64)
         total = sum(len(r) for r in self.rows.values())
         if total < world:
-            raise ValueError(f"{total} training images cannot be split between {world} ranks")
+            raise DataError(f"{total} training images cannot be split between {world} ranks")
         self.seed, self.rank, self.world, self.window = seed, rank, world, window
         self.split_shards = len(self.shard_ids) >= world
         self._starts = [0]  # stream position where each epoch begins
@@ -139,7 +140,7 @@ class ShardCache:
         samples = shards.read_shard_samples(self.folder, sid)
         self.reads += 1
         if len(samples) != self.counts[sid]:
-            raise ValueError(f"{self.folder}: shard {sid} holds {len(samples)} images but its commit marker says "
+            raise DataError(f"{self.folder}: shard {sid} holds {len(samples)} images but its commit marker says "
                              f"{self.counts[sid]}")
         self._shards[sid] = samples
         while len(self._shards) > self.capacity:

@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline.config import Config
 from pipeline.dvae.data import ShardCache, choose_heldout, shard_counts
 from pipeline.dvae.model import DVAE, load_dvae
+from pipeline.errors import ConfigError, DataError, NotFoundError
 from pipeline.storage.commit import atomic_output
 
 
@@ -85,17 +86,17 @@ def eval_dvae(cfg: Config) -> dict[str, Any]:
 
         import_weights(cfg)
     if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no dVAE to evaluate (run train-dvae, or set dvae.weights)")
+        raise NotFoundError(f"{ckpt}: no dVAE to evaluate (run train-dvae, or set dvae.weights)")
     model = load_dvae(str(ckpt))
     size = cfg.download.image_size
     if size % model.shape.downsample:
-        raise ValueError(f"{ckpt}: image size {size} is not divisible by the dVAE's downsampling "
+        raise ConfigError(f"{ckpt}: image size {size} is not divisible by the dVAE's downsampling "
                          f"{model.shape.downsample}")
     folder = cfg.path("images")
     counts = shard_counts(folder)
     rows = choose_heldout(counts, max(cfg.dvae.heldout_images, 1), cfg.seed)
     if not rows:
-        raise ValueError(f"{folder}: too few images to hold any out (have {sum(counts.values())})")
+        raise DataError(f"{folder}: too few images to hold any out (have {sum(counts.values())})")
     images = ShardCache(folder, counts, size, capacity=4).images(np.asarray(rows))
     figures, recons = evaluate(model, images)
     grid = out / "eval_reconstructions.png"

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import InputError
 from pipeline.storage.commit import atomic_output
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -209,14 +210,15 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
              if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     if missing or unexpected or wrong:
-        raise ValueError(f"{where}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+        raise InputError(f"{where}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"wrong size {wrong[:3]}")
 
 
 def save_dvae(model: DVAE, path: str, extra: dict | None = None) -> None:
     """``dvae.pt``, written whole or not at all (a reader never sees half a checkpoint)."""
     with atomic_output(path) as f:
-        torch.save({"shape": asdict(model.shape), "state_dict": model.state_dict(), "extra": extra or {}}, f)
+        torch.save({"kind": "dvae", "shape": asdict(model.shape), "state_dict": model.state_dict(),
+                    "extra": extra or {}}, f)
 
 
 def load_dvae(path: str) -> DVAE:
@@ -224,13 +226,15 @@ def load_dvae(path: str) -> DVAE:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 — truncated/corrupt files raise a zoo of exception types
-        raise ValueError(f"{path}: cannot read dVAE checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: cannot read dVAE checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{path}: not a dVAE checkpoint written by this pipeline (no shape/state_dict)")
+        raise InputError(f"{path}: not a dVAE checkpoint written by this pipeline (no shape/state_dict)")
+    if blob.get("kind", "dvae") != "dvae":  # files before the kind was recorded are dVAEs
+        raise InputError(f"{path}: a {blob['kind']!r} prior's weights, not a dVAE checkpoint (dvae.pt)")
     try:
         model = DVAE(DVAEShape(**blob["shape"]))
     except TypeError as exc:
-        raise ValueError(f"{path}: checkpoint shape {blob['shape']} is not a DVAEShape ({exc})") from exc
+        raise InputError(f"{path}: checkpoint shape {blob['shape']} is not a DVAEShape ({exc})") from exc
     check_state_dict(model, blob["state_dict"], f"{path} (declared shape {blob['shape']})")
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -33,7 +33,7 @@ from torch import nn
 from torch.serialization import SourceChangeWarning
 
 from pipeline.dvae.model import DVAE, DVAEShape, check_state_dict, load_dvae, save_dvae
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.storage.commit import write_text
 
 DOWNLOAD_TIMEOUT_S = 120.0
@@ -139,13 +139,13 @@ def _read_bytes(path_or_url: str) -> bytes:
         with open(path_or_url, "rb") as f:
             return f.read()
     except Exception as exc:  # noqa: BLE001 — URLError, HTTPError, OSError, fsspec backends' own errors
-        raise ValueError(f"{path_or_url}: cannot read ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path_or_url}: cannot read ({type(exc).__name__}: {exc})") from exc
 
 
 def _int_field(obj: nn.Module, name: str, where: str) -> int:
     value = obj.__dict__.get(name)
     if type(value) is not int:
-        raise ValueError(f"{where}: unexpected structure: attribute {name!r} is {value!r}, expected an int")
+        raise InputError(f"{where}: unexpected structure: attribute {name!r} is {value!r}, expected an int")
     return value
 
 
@@ -168,35 +168,35 @@ def read_dall_e_module(path_or_url: str, expect: str | None = None) -> tuple[dic
             warnings.simplefilter("ignore", SourceChangeWarning)
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=pickle_module)
     except UnexpectedGlobal as exc:
-        raise ValueError(f"{where}: not a dall_e Encoder/Decoder pickle: {exc}") from exc
+        raise InputError(f"{where}: not a dall_e Encoder/Decoder pickle: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 — truncated/corrupt files raise a zoo of exception types
-        raise ValueError(f"{where}: cannot unpickle (truncated or corrupt? {type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{where}: cannot unpickle (truncated or corrupt? {type(exc).__name__}: {exc})") from exc
     cls = getattr(type(obj), "dall_e_class", "")
     kind = _KINDS.get(cls.rpartition(".")[2]) if isinstance(obj, _DallEStub) else None
     if kind is None:
         what = cls or f"{type(obj).__module__}.{type(obj).__qualname__}"
-        raise ValueError(f"{where}: not a dall_e Encoder/Decoder (the pickle holds a {what})")
+        raise InputError(f"{where}: not a dall_e Encoder/Decoder (the pickle holds a {what})")
     if expect is not None and kind != expect:
-        raise ValueError(f"{where}: expected a dall_e {expect}, found a {cls}")
+        raise InputError(f"{where}: expected a dall_e {expect}, found a {cls}")
     attrs: dict[str, Any] = {"kind": kind, "class": cls}
     for name in _FIELDS[kind]:
         attrs[name] = _int_field(obj, name, where)
     blocks = obj.__dict__.get("_modules", {}).get("blocks")
     if not isinstance(blocks, nn.Module):
-        raise ValueError(f"{where}: unexpected structure: {cls} has no 'blocks' module")
+        raise InputError(f"{where}: unexpected structure: {cls} has no 'blocks' module")
     groups = [n for n in blocks._modules if re.fullmatch(r"group_\d+", n)]
     # dall_e 0.1 hard-codes 4 groups; group_count is a class constant there, so not pickled (use it if it is).
     attrs["group_count"] = _int_field(obj, "group_count", where) if "group_count" in obj.__dict__ else len(groups)
     if attrs["group_count"] != len(groups) or not groups:
-        raise ValueError(f"{where}: unexpected structure: {len(groups)} groups, group_count {attrs['group_count']}")
+        raise InputError(f"{where}: unexpected structure: {len(groups)} groups, group_count {attrs['group_count']}")
     try:
         state = {k: v.detach() for k, v in obj.state_dict().items()}
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{where}: unexpected structure: cannot collect its weights ({type(exc).__name__}: {exc})"
+        raise InputError(f"{where}: unexpected structure: cannot collect its weights ({type(exc).__name__}: {exc})"
                          ) from exc
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or not re.search(r"\.[wb]$", k)]
     if bad or not state:
-        raise ValueError(f"{where}: unexpected structure: entries {bad[:3]} are not dall_e Conv2d weights (w/b)")
+        raise InputError(f"{where}: unexpected structure: entries {bad[:3]} are not dall_e Conv2d weights (w/b)")
     attrs["sha256"] = hashlib.sha256(data).hexdigest()
     attrs["bytes"] = len(data)
     return state, attrs
@@ -218,7 +218,7 @@ def load_openai_with_info(encoder_path: str, decoder_path: str) -> tuple[DVAE, d
              ("group_count", "group_count"), ("input_channels", "output_channels")]
     differ = [f"{a} {enc[a]} vs {b} {dec[b]}" for a, b in pairs if enc[a] != dec[b]]
     if differ:
-        raise ValueError(f"encoder {encoder_path} and decoder {decoder_path} do not belong together: "
+        raise InputError(f"encoder {encoder_path} and decoder {decoder_path} do not belong together: "
                          f"{', '.join(differ)}")
     shape = DVAEShape(vocab_size=enc["vocab_size"], n_hid=enc["n_hid"], group_count=enc["group_count"],
                       n_blk_per_group=enc["n_blk_per_group"], channels=enc["input_channels"], n_init=dec["n_init"],
@@ -229,7 +229,7 @@ def load_openai_with_info(encoder_path: str, decoder_path: str) -> tuple[DVAE, d
     check_state_dict(model, state, f"{encoder_path} + {decoder_path} (as {shape})")
     model.load_state_dict(state, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise ValueError(f"{encoder_path} + {decoder_path}: some weights were not loaded")
+        raise InputError(f"{encoder_path} + {decoder_path}: some weights were not loaded")
     return model.eval(), enc, dec
 
 
@@ -251,7 +251,7 @@ def preprocess(img: Any, size: int = 256) -> torch.Tensor:
 
     s = min(img.size)
     if s < size:
-        raise ValueError(f"image of {img.size[0]}x{img.size[1]} px: shorter side {s} is below the size {size}")
+        raise InputError(f"image of {img.size[0]}x{img.size[1]} px: shorter side {s} is below the size {size}")
     img = img.convert("RGB")
     r = size / s
     w, h = round(r * img.size[0]), round(r * img.size[1])
@@ -287,7 +287,7 @@ def import_weights(cfg: Any) -> dict[str, Any]:
         extra = {"source": dcfg.weights, "sha256": _sha256_file(dcfg.weights)}
     shape = model.shape
     if image_size % shape.downsample:
-        raise ValueError(f"download.image_size {image_size} is not divisible by the dVAE's downsampling "
+        raise ConfigError(f"download.image_size {image_size} is not divisible by the dVAE's downsampling "
                          f"{shape.downsample} (weights {dcfg.weights})")
     extra.update({"vocab_size": shape.vocab_size, "grid": shape.grid(image_size), "image_size": image_size})
     out = Path(cfg.path("dvae"))

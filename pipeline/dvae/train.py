@@ -31,6 +31,7 @@ from pipeline.config import Config, DVAEConfig
 from pipeline.dvae.data import ShardCache, ShardStream, choose_heldout, shard_counts
 from pipeline.dvae.eval import evaluate, write_grid
 from pipeline.dvae.model import DVAE, DVAEShape, kl_weight_at, save_dvae, temperature_at
+from pipeline.errors import ConfigError
 from pipeline.runtime import ds_seam
 from pipeline.storage import commit
 from pipeline.storage.checkpoints import Checkpoints
@@ -197,9 +198,9 @@ def train(cfg: Config, rank: int, world: int) -> dict[str, Any] | None:
     d, out, size = cfg.dvae, cfg.path("dvae"), cfg.download.image_size
     shape = dvae_shape(d)
     if size % shape.downsample:
-        raise ValueError(f"image size {size} is not divisible by the dVAE downsampling {shape.downsample}")
+        raise ConfigError(f"image size {size} is not divisible by the dVAE downsampling {shape.downsample}")
     if d.batch_size % world:
-        raise ValueError(f"dvae.batch_size {d.batch_size} is not divisible by the {world} ranks")
+        raise ConfigError(f"dvae.batch_size {d.batch_size} is not divisible by the {world} ranks")
     os.makedirs(out, exist_ok=True)
     images = _images(cfg, rank, world)
     tag, finished = _resume(cfg, out, run_settings(cfg, images.counts, world), rank)

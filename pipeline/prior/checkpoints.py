@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError, InputError
+from pipeline.errors import CheckpointError, InputError, NotFoundError
 from pipeline.prior.diffusion import DiffusionPrior, DiffusionShape
 from pipeline.prior.loader import DataPlan
 from pipeline.prior.transformer import DalleTransformer, PriorShape
@@ -67,14 +67,17 @@ def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
     Loaded with ``weights_only`` (no code runs); a file that is unreadable, not a prior, a prior of the other kind,
     or whose weights do not fit its recorded shape raises ``InputError`` naming the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such prior weights file")
+        raise NotFoundError(f"{path}: no such prior weights file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many exception types
         raise InputError(f"{path}: cannot read prior weights ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:
         raise InputError(f"{path}: not a prior model.pt (no shape / state_dict)")
-    got = blob.get("kind", "ar")
+    got = blob.get("kind") or ("dvae" if "n_hid" in blob["shape"] else "ar")  # older files: recognise by shape
+    if got == "dvae":
+        raise InputError(f"{path}: a dVAE checkpoint (dvae.pt), not a prior's model.pt; give the prior's weights "
+                         "(<prior>/model.pt or a checkpoint folder <prior>/stepNNNNNNNN)")
     if got != kind:
         if got == "diffusion":
             raise InputError(f"{path}: a 'diffusion' prior (it predicts CLIP image embeddings, DALL-E 2's); "

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.errors import DataError, InputError, NotFoundError
 from pipeline.prior.rows import heldout_mask  # the training loader's split, shared
 from pipeline.storage import commit, schema, shards
 from pipeline.storage.commit import atomic_output
@@ -119,7 +120,7 @@ def read_columns(folder: str, columns: list[str]) -> tuple[Any, dict[str, Any]]:
         with fs.open(p, "rb") as f:
             missing = [c for c in columns if c not in pq.ParquetFile(f).schema_arrow.names]
         if missing:
-            raise ValueError(f"{p}: token shard lacks columns {missing}; re-run tokenize to add CLIP embeddings")
+            raise DataError(f"{p}: token shard lacks columns {missing}; re-run tokenize to add CLIP embeddings")
     return schema.read_token_shards(folder, columns)
 
 
@@ -208,18 +209,18 @@ def _model_predict(cfg: Any, meta: dict[str, Any], embed_dim: int, folder: str) 
 
     ckpt = Path(cfg.path("prior")) / "model.pt"
     if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt}: no diffusion prior to evaluate (train it, then export model.pt)")
+        raise NotFoundError(f"{ckpt}: no diffusion prior to evaluate (train it, then export model.pt)")
     from pipeline.prior.checkpoints import load_prior
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, trained_on = load_prior(str(ckpt), "diffusion")
     model = model.to(device).eval()
     if int(model.shape.embed_dim) != embed_dim:
-        raise ValueError(f"{ckpt}: model embed_dim {model.shape.embed_dim} but {folder} holds {embed_dim}-d CLIP "
+        raise InputError(f"{ckpt}: model embed_dim {model.shape.embed_dim} but {folder} holds {embed_dim}-d CLIP "
                          f"embeddings; evaluate with the tokens it was trained on")
     # Same width is not enough: embeddings of another CLIP live in another space and every figure would be noise.
     if trained_on.get("clip") and meta.get("clip") and trained_on["clip"] != meta["clip"]:
-        raise ValueError(f"{ckpt}: trained on CLIP {trained_on['clip']}, but {folder} was made with {meta['clip']}")
+        raise InputError(f"{ckpt}: trained on CLIP {trained_on['clip']}, but {folder} was made with {meta['clip']}")
     steps = int(getattr(cfg.sample, "diffusion_steps", 64))
 
     @torch.no_grad()
@@ -243,7 +244,7 @@ def eval_prior(cfg: Any, predict: Predict | None = None, limit: int = 256) -> di
     keys = table.column("key").to_pylist()
     held = np.flatnonzero(heldout_mask(keys, percent))
     if not held.size:
-        raise ValueError(f"{folder}: no held-out rows among {len(keys)} at prior.heldout_percent={percent}; "
+        raise DataError(f"{folder}: no held-out rows among {len(keys)} at prior.heldout_percent={percent}; "
                          f"raise prior.heldout_percent")
     img_all, txt_all = _matrix(table, "clip_image_emb"), _matrix(table, "clip_text_emb")
     embed_dim = int(meta.get("embed_dim") or img_all.shape[1])
@@ -252,7 +253,7 @@ def eval_prior(cfg: Any, predict: Predict | None = None, limit: int = 256) -> di
         & (np.abs(img_all[held]).sum(1) > 0) & (np.abs(txt_all[held]).sum(1) > 0)
     usable = sorted(held[good], key=lambda i: keys[i])[:limit]  # by key: independent of shard layout
     if not usable:
-        raise ValueError(f"{folder}: all {held.size} held-out rows have NaN/inf or zero CLIP embeddings")
+        raise DataError(f"{folder}: all {held.size} held-out rows have NaN/inf or zero CLIP embeddings")
     rows = np.asarray(usable)
     ev_keys = [keys[i] for i in rows]
     captions = [table.column("caption")[int(i)].as_py() or "" for i in rows]

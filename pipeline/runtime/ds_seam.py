@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.config import PriorConfig
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError, RankError, find_rank_error
 from pipeline.storage.checkpoints import Checkpoints, fault_point, tag_of
 from pipeline.storage.commit import write_text
 
@@ -89,9 +89,9 @@ def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str
         with open(cfg.ds_config) as f:
             user = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"prior.ds_config {cfg.ds_config}: not a readable JSON file ({exc})") from exc
+        raise ConfigError(f"prior.ds_config {cfg.ds_config}: not a readable JSON file ({exc})") from exc
     if not isinstance(user, dict):
-        raise ValueError(f"prior.ds_config {cfg.ds_config}: top level must be a JSON object")
+        raise ConfigError(f"prior.ds_config {cfg.ds_config}: top level must be a JSON object")
     return merge(built, user)
 
 
@@ -122,7 +122,8 @@ def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_pr
     """Run ``python -m <module> --config <config_file>`` on ``num_procs`` ranks through the deepspeed launcher.
 
     CPU ranks (DS_ACCELERATOR=cpu, gloo) where there is no GPU. Every line goes to ``log_path``; lines starting with
-    ``echo_prefix`` (rank 0's progress) are echoed to stderr live. Raises RuntimeError with the log's tail on failure.
+    ``echo_prefix`` (rank 0's progress) are echoed to stderr live. A rank that stopped on a user-facing error raises
+    that rank's one line (``RankError``); any other failure raises RuntimeError with the log's tail.
     """
     import socket
     import subprocess
@@ -144,13 +145,17 @@ def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_pr
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         tail: list[str] = []
+        rank_error = None
         for line in proc.stdout:  # stream rank 0's progress lines live; keep everything in the log
             logf.write(line)
             tail = (tail + [line.rstrip()])[-30:]
+            rank_error = rank_error or find_rank_error([line])
             if line.startswith(echo_prefix):
                 print(line.rstrip(), file=sys.stderr, flush=True)
         code = proc.wait()
     _remove_shm_buffers(port)
+    if code != 0 and rank_error is not None:
+        raise RankError(f"{rank_error} (log: {log_path})", rank_error.exit_code)
     if code != 0:
         raise RuntimeError(f"deepspeed launcher exited {code}; log: {log_path}\n" + "\n".join(tail))
 

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from pipeline.config import Config
+from pipeline.errors import PipelineError, RankError
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +207,30 @@ def train_on_workers(per_rank: Callable[[int, int], Any], num_workers: int, use_
         from pipeline.runtime import ds_seam
 
         ds_seam.init_distributed()  # Ray Train already made the process group; DeepSpeed adopts it
-        per_rank(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        rank = torch.distributed.get_rank()
+        try:
+            per_rank(rank, torch.distributed.get_world_size())
+        except PipelineError as exc:  # travels back as one line, not as every worker's traceback
+            raise RankError(f"rank {rank}: {' '.join(str(exc).split())}", exc.exit_code) from None
 
     trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                            run_config=RunConfig(name=name, storage_path=storage_path))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray Train wraps the worker's error; find a user-facing one inside
+        found = user_error(exc)
+        if found is None:
+            raise
+        raise RankError(str(found), found.exit_code) from None
+
+
+def user_error(exc: BaseException | None) -> PipelineError | None:
+    """The ``PipelineError`` a Ray error wraps (``__cause__`` chain or a RayTaskError's ``cause``), if any."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, PipelineError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None

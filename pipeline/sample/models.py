@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from pipeline.dvae.model import DVAE
+from pipeline.errors import InputError, NotFoundError
 from pipeline.prior.checkpoints import export_weights, load_prior
 from pipeline.prior.transformer import DalleTransformer, PriorShape
 
@@ -36,7 +37,7 @@ def load_sampler_prior(cfg: Any) -> tuple[DalleTransformer, dict[str, Any], str]
     for what, expected, where in _run_reference(cfg):
         got = _meta_value(meta, what)
         if got is not None and expected is not None and int(got) != int(expected):
-            raise ValueError(f"{path}: {_WHAT[what]} mismatch: the checkpoint was trained with {int(got)}, "
+            raise InputError(f"{path}: {_WHAT[what]} mismatch: the checkpoint was trained with {int(got)}, "
                              f"this run's {where} has {int(expected)}; sample with the run it was trained on, "
                              "or point sample.checkpoint at a prior of this run")
     return model, meta, path
@@ -52,7 +53,7 @@ def _sampler_weights(cfg: Any) -> str:
     if not ckpt:
         path = os.path.join(cfg.path("prior"), "model.pt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no prior weights (train-prior writes them at the end); run train-prior "
+            raise NotFoundError(f"{path}: no prior weights (train-prior writes them at the end); run train-prior "
                                     "or set sample.checkpoint to a model.pt or a checkpoint folder "
                                     "(<prior>/stepNNNNNNNN)")
         return path
@@ -69,11 +70,11 @@ def _sampler_weights(cfg: Any) -> str:
             return export_weights(parent, tag)
         if os.path.isfile(os.path.join(folder, "model.pt")):
             return os.path.join(folder, "model.pt")
-        raise ValueError(f"sample.checkpoint {ckpt}: a folder with neither complete.json (not a complete DeepSpeed "
+        raise InputError(f"sample.checkpoint {ckpt}: a folder with neither complete.json (not a complete DeepSpeed "
                          "checkpoint: an interrupted save?) nor model.pt")
     if os.path.isfile(ckpt):
         return ckpt
-    raise FileNotFoundError(f"sample.checkpoint {ckpt}: no such file or folder")
+    raise NotFoundError(f"sample.checkpoint {ckpt}: no such file or folder")
 
 
 def _meta_value(meta: dict[str, Any], what: str) -> Any:
@@ -90,7 +91,7 @@ def check_tokens_meta(shape: PriorShape, meta: dict[str, Any], path: str) -> Non
     for what, size in have.items():
         recorded = _meta_value(meta, what)
         if recorded is not None and int(recorded) != size:
-            raise ValueError(f"{path}: {_WHAT[what]} mismatch: the model has {size}, its tokens_meta records "
+            raise InputError(f"{path}: {_WHAT[what]} mismatch: the model has {size}, its tokens_meta records "
                              f"{int(recorded)}")
 
 
@@ -137,5 +138,5 @@ def check_models(prior: DalleTransformer, source: str, dvae: DVAE, bpe: Any, ima
               ("grid", s.image_grid, dvae.shape.grid(image_size), f"dVAE at image size {image_size}")]
     for what, have, other, name in checks:
         if have != other:
-            raise ValueError(f"{source}: {_WHAT[what]} mismatch: the prior has {have}, the {name} used for "
+            raise InputError(f"{source}: {_WHAT[what]} mismatch: the prior has {have}, the {name} used for "
                              f"sampling has {other}")

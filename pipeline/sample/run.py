@@ -18,6 +18,7 @@ import torch
 from pipeline.clip import model as clip_lib
 from pipeline.config import Config, absolute_paths
 from pipeline.dvae.model import load_dvae
+from pipeline.errors import NotFoundError
 from pipeline.report import figures
 from pipeline.sample.draw import CaptionSamples, draw, rerank_stats
 from pipeline.sample.models import check_models, load_sampler_prior
@@ -53,7 +54,7 @@ def resolve_captions(entries: list[str], fallback: Callable[[], list[str]], limi
 def heldout_captions(cfg: Config) -> list[str]:
     path = Path(cfg.run_dir) / "dataset.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no embedded-dataset record; give sample.captions explicitly")
+        raise NotFoundError(f"{path}: no embedded-dataset record; give sample.captions explicitly")
     return json.loads(path.read_text())["heldout_captions"]
 
 

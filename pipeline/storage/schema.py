@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError, NotFoundError
 from pipeline.storage import commit
 
 SCHEMA_VERSION = "1"
@@ -77,7 +78,7 @@ def read_metadata(fs, path: str) -> dict[str, Any]:
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).schema_arrow.metadata or {}
     if META_KEY not in meta:
-        raise ValueError(f"{path}: not a token shard (no {META_KEY.decode()} metadata)")
+        raise DataError(f"{path}: not a token shard (no {META_KEY.decode()} metadata)")
     return json.loads(meta[META_KEY])
 
 
@@ -86,7 +87,7 @@ def read_token_shards(folder: str, columns: list[str] | None = None) -> tuple[pa
     fs, path = commit.fs_and_path(folder)
     shards = commit.committed_shards(fs, path)
     if not shards:
-        raise FileNotFoundError(f"{folder}: no committed token shards")
+        raise NotFoundError(f"{folder}: no committed token shards")
     tables, first = [], None
     for shard_id in shards:
         p = f"{path}/{shard_id:05d}.parquet"
@@ -96,7 +97,7 @@ def read_token_shards(folder: str, columns: list[str] | None = None) -> tuple[pa
             first = (p, shared)
         elif shared != first[1]:
             diff = [k for k in SHARED_META if shared[k] != first[1][k]]
-            raise ValueError(f"{p}: metadata {diff} disagrees with {first[0]}; refusing to mix token shards")
+            raise DataError(f"{p}: metadata {diff} disagrees with {first[0]}; refusing to mix token shards")
         with fs.open(p, "rb") as f:
             tables.append(pq.read_table(f, columns=columns))
     assert first is not None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import DataError
 from pipeline.storage import commit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -48,7 +49,7 @@ def read_shard_samples(folder: str, shard_id: int) -> list[dict[str, Any]]:
         image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         if image is None:
             if "json" not in parts and "txt" not in parts:
-                raise ValueError(f"{tar_path}: sample '{key}' has no image member (has {sorted(parts)})")
+                raise DataError(f"{tar_path}: sample '{key}' has no image member (has {sorted(parts)})")
             image = b""  # a sample whose image member is missing: tokenize rejects it as empty_image
         meta = json.loads(parts["json"]) if "json" in parts else {}
         # Undecodable caption bytes become U+FFFD, which tokenize rejects as bad_caption instead of failing the shard.
@@ -65,7 +66,7 @@ def _read_parquet_shard(fs: Any, pq_path: str, shard_id: int) -> list[dict[str, 
         table = pq.read_table(f)
     col = next((e for e in IMAGE_EXTS if e in table.column_names), None)
     if col is None:
-        raise ValueError(f"{pq_path}: no image column (one of {IMAGE_EXTS}) in {table.column_names}")
+        raise DataError(f"{pq_path}: no image column (one of {IMAGE_EXTS}) in {table.column_names}")
     samples = []
     for row in table.to_pylist():
         if row[col] is None:

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError, NotFoundError
 from pipeline.storage import commit, schema
 
 SUBFOLDERS = {"img_emb": "npy", "text_emb": "npy", "metadata": "parquet"}
@@ -106,12 +107,12 @@ def _check_aligned(fs: Any, folder: str) -> None:
         pattern = re.compile(rf"^{kind}_(\d+)\.{SUBFOLDERS[kind]}$")
         foreign = sorted(n for n in names if not pattern.match(n))
         if foreign:
-            raise ValueError(f"{folder}/{kind} holds files that are not partitions of this export: {foreign[:5]}; "
+            raise DataError(f"{folder}/{kind} holds files that are not partitions of this export: {foreign[:5]}; "
                              f"peers would pair them with the wrong rows")
         ids[kind] = {pattern.match(n).group(1) for n in names}  # type: ignore[union-attr]
     if len({frozenset(v) for v in ids.values()}) > 1:
         diff = {k: sorted(v - ids["metadata"]) + sorted(ids["metadata"] - v) for k, v in ids.items() if k != "metadata"}
-        raise ValueError(f"{folder}: img_emb, text_emb and metadata hold different partitions ({diff})")
+        raise DataError(f"{folder}: img_emb, text_emb and metadata hold different partitions ({diff})")
 
 
 def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]:
@@ -124,7 +125,7 @@ def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]
     ofs, opath = commit.fs_and_path(out_folder)
     shards = commit.committed_shards(tfs, tpath)
     if not shards:
-        raise FileNotFoundError(f"{tokens_folder}: no committed token shards")
+        raise NotFoundError(f"{tokens_folder}: no committed token shards")
     first = min(shards)
     provenance = {k: schema.read_metadata(tfs, f"{tpath}/{first:05d}.parquet").get(k) for k in schema.SHARED_META}
     commit.claim_run(ofs, opath, "export-clip-retrieval",
@@ -147,16 +148,16 @@ def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]
         src = f"{tpath}/{shard_id:05d}.parquet"
         data = tfs.cat_file(src)
         if manifest.get("sha256") and hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-            raise ValueError(f"{src}: bytes do not match the sha256 in its commit marker; refusing to export it")
+            raise DataError(f"{src}: bytes do not match the sha256 in its commit marker; refusing to export it")
         pf = pq.ParquetFile(io.BytesIO(data))
         meta = json.loads((pf.schema_arrow.metadata or {}).get(schema.META_KEY, b"{}"))
         shared = {k: meta.get(k) for k in schema.SHARED_META}
         if shared != provenance:
             diff = [k for k in schema.SHARED_META if shared[k] != provenance[k]]
-            raise ValueError(f"{src}: metadata {diff} disagrees with shard {first:05d}; refusing to mix token shards")
+            raise DataError(f"{src}: metadata {diff} disagrees with shard {first:05d}; refusing to mix token shards")
         table = pf.read(columns=_TOKEN_COLUMNS)
         if table.num_rows != int(manifest["rows"]):
-            raise ValueError(f"{src}: {table.num_rows} rows, its commit marker records {manifest['rows']}")
+            raise DataError(f"{src}: {table.num_rows} rows, its commit marker records {manifest['rows']}")
         for kind in SUBFOLDERS:  # metadata last: a partition is whole once its metadata file exists
             if kind in missing:
                 commit.atomic_write(ofs, f"{opath}/{kind}/{file_name(kind, shard_id)}", _payload(kind, table, dim))

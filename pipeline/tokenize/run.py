@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import NotFoundError
 from pipeline.runtime import ray_seam
 from pipeline.runtime.progress import Progress
 from pipeline.storage import commit, shards
@@ -38,7 +39,7 @@ def run_tokenize(cfg: Config, spec: EncoderSpec, encoder_threads: int = 1) -> di
     images, tokens = cfg.path("tokens_input"), cfg.path("tokens")
     image_shards = shards.committed_image_shards(images)
     if not image_shards:
-        raise FileNotFoundError(f"{images}: no committed image shards to tokenize")
+        raise NotFoundError(f"{images}: no committed image shards to tokenize")
     fs, out = commit.fs_and_path(tokens)
     settings = {"images": images, "spec": spec.__dict__}
     commit.claim_run(fs, out, "tokenize", settings)  # a changed model or preprocessing is refused before any write

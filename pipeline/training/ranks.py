@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, load_config
+from pipeline.errors import PipelineError, rank_error_line
 from pipeline.runtime import ds_seam
 
 T = TypeVar("T")
@@ -105,8 +106,12 @@ def rank_main(argv: list[str] | None, description: str, train: Callable[[Config,
         if not torch.cuda.is_available():  # CPU ranks share the machine's cores (OMP_NUM_THREADS, if set, wins)
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world)))
         ds_seam.init_distributed()
+        rank = torch.distributed.get_rank()
         try:
-            return train(cfg, torch.distributed.get_rank(), torch.distributed.get_world_size())
+            return train(cfg, rank, torch.distributed.get_world_size())
+        except PipelineError as exc:  # the launcher shows this one line instead of 40 lines of every rank's traceback
+            print(rank_error_line(exc, rank), flush=True)
+            raise
         finally:
             # The one-rank process group stays for a later call in this process: DeepSpeed caches its groups.
             if standalone:

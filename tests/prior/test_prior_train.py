@@ -234,3 +234,28 @@ def test_diffusion_prior_trains_on_two_ranks_and_resumes_exactly(tmp_path, token
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), exported.state_dict().values()))
     raw = torch.load(out / "model.pt", weights_only=True)["raw_state_dict"]
     assert not torch.equal(raw["out_proj.weight"], model.state_dict()["out_proj.weight"])  # EMA differs from raw
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_ranks_reaches_the_user_as_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "run" / "tokens").mkdir(parents=True)  # no committed token shards: every rank refuses at once
+    code = main(["train-prior", "--config", str(REPO / "configs" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}",
+                 "prior.num_procs=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    line = [e for e in err if e.startswith("error: ")]
+    assert len(line) == 1 and "no committed token shards" in line[0] and line[0].startswith("error: rank ")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_ray_train_errors_are_unwrapped_to_the_user_error():
+    from pipeline.errors import DataError
+    from pipeline.runtime.ray_seam import user_error
+
+    inner = DataError("tokens/00000.parquet: not a token shard")
+    outer = RuntimeError("Training failed")
+    outer.__cause__ = type("RayTaskError", (Exception,), {})("worker died")
+    outer.__cause__.cause = inner
+    assert user_error(outer) is inner and user_error(RuntimeError("plain")) is None

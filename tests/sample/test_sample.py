@@ -282,6 +282,27 @@ def test_load_sampler_prior_refuses_a_diffusion_prior_and_junk(tmp_path):
         sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={empty_dir}"))
 
 
+def test_sample_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from pipeline.cli import main
+
+    dvae = tmp_path / "dvae.pt"
+    save_dvae(DVAE(DVAE_SHAPE), str(dvae))
+    base = ["sample", f"run_dir={tmp_path / 'run'}", "sample.captions=[a red circle]"]
+    assert main([*base, f"sample.checkpoint={dvae}"]) == 2  # a dVAE given as the prior
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {dvae}: a dVAE checkpoint (dvae.pt), not a prior's model.pt; give the prior's weights "
+                   "(<prior>/model.pt or a checkpoint folder <prior>/stepNNNNNNNN)"]
+    assert main(base) == 2  # no prior trained yet
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "prior/model.pt: no prior weights" in err[0]
+    prior = _save_prior(str(tmp_path / "prior.pt"), _meta())
+    with pytest.raises(ValueError, match=r"a 'ar' prior's weights, not a dVAE checkpoint"):
+        from pipeline.dvae.model import load_dvae
+
+        load_dvae(str(tmp_path / "prior.pt"))
+    assert prior is not None
+
+
 def test_load_sampler_prior_refuses_vocabularies_that_disagree(tmp_path):
     path = str(tmp_path / "run" / "prior" / "model.pt")
     _save_prior(path, _meta(text_vocab=1000))  # the model's own record disagrees with its shape
