@@ -91,7 +91,10 @@ class DownloadConfig:
         _check(self.output_format in {"webdataset", "parquet"}, "download.output_format",
                "must be 'webdataset' or 'parquet'")
         _check(self.encode_format in {"jpg", "png", "webp"}, "download.encode_format", "must be jpg, png or webp")
-        _check(1 <= self.encode_quality <= 100, "download.encode_quality", "must be in [1, 100]")
+        if self.encode_format == "png":  # img2dataset reads it as PNG's compression level there
+            _check(0 <= self.encode_quality <= 9, "download.encode_quality", "must be in [0, 9] for png (compression)")
+        else:
+            _check(1 <= self.encode_quality <= 100, "download.encode_quality", "must be in [1, 100]")
         _check(self.thread_count > 0, "download.thread_count", "must be > 0")
         _check(self.timeout > 0, "download.timeout", "must be > 0")
         _check(self.retries >= 0, "download.retries", "must be >= 0")

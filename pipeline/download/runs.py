@@ -11,6 +11,7 @@ A round's plan is written before its first shard runs, so an interrupted round r
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -19,8 +20,10 @@ import pyarrow.parquet as pq
 
 from pipeline.download.fetch import TRANSIENT
 from pipeline.download.shard import ShardPlan
+from pipeline.errors import StorageError
 from pipeline.storage import commit
 
+log = logging.getLogger(__name__)
 
 def shard_meta(output: str, shard_id: int, columns: list[str]) -> pa.Table:
     """The per-row metadata of a committed shard (img2dataset's ``{shard}.parquet``), only ``columns``."""
@@ -51,7 +54,7 @@ def retry_candidates(output: str) -> list[dict[str, Any]]:
             for r in sorted(rows, key=lambda r: r["key"]) if r["key"] not in retried]
 
 
-def plan_retry_round(output: str, plan_dir: str, shard_size: int, first_free_id: int) -> list[ShardPlan]:
+def plan_retry_round(output: str, shard_size: int, first_free_id: int) -> list[ShardPlan]:
     """The shards of the unfinished retry round, or of a new one; [] when nothing is left to retry."""
     fs, out = commit.fs_and_path(output)
     committed = set(commit.committed_shards(fs, out))
@@ -68,6 +71,7 @@ def plan_retry_round(output: str, plan_dir: str, shard_size: int, first_free_id:
     if not candidates:
         return []
     next_id = max([first_free_id - 1, *used]) + 1
+    plan_dir = commit.join(output, "_retry", f"round-{len(rounds):03d}")  # the round's own: it outlives a run
     pfs, pdir = commit.fs_and_path(plan_dir)
     pfs.makedirs(pdir, exist_ok=True)
     plans = []
@@ -105,6 +109,10 @@ def summarize(output: str, failed: dict[int, str], run: dict[str, Any]) -> dict[
         "bytes_written": sum(m.get("bytes_written", 0) for m in committed.values()),
         "this_run": run,
     }
-    if run.get("shards") or failed or not fs.exists(f"{out}/_summary.json"):  # a no-op rerun rewrites nothing
-        commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
+    if run.get("shards") or failed or run.get("error") or not fs.exists(f"{out}/_summary.json"):  # no-op: as it was
+        try:
+            commit.atomic_write(fs, f"{out}/_summary.json", json.dumps(summary, indent=1).encode())
+        except StorageError as exc:  # a full disk must not hide which shards failed: they are still returned
+            log.error("download: %s", exc)
+            summary["summary_not_written"] = str(exc)
     return summary

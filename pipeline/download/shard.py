@@ -10,6 +10,7 @@ with its marker, so a crash at any point leaves no shard that looks committed an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from pipeline.config import DownloadConfig
 from pipeline.download.fetch import FETCH_CODES, AddressPolicy, FetchLimits, fetch
 from pipeline.download.imaging import IMAGE_CODES, ImageLimits, ImageProcessor
 from pipeline.storage import commit
+from pipeline.storage.lease import LeaseToken
 
 OOM_SHARD_COUNT = 5  # shard names are {shard:05d}, the same in images/ and tokens/
 ROW_CODES = ("empty_caption", "caption_too_long", "bad_caption", "duplicate_url", "duplicate_image")
@@ -99,8 +101,9 @@ def check_caption(caption: Any, cfg: DownloadConfig) -> Outcome | None:
 
 
 def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: int,
-                   claim: ShaClaim | None = None) -> dict[str, Any]:
-    """Fetch, check, resize and write one shard, then commit it. Raises on failure (the caller retries the shard)."""
+                   claim: ShaClaim | None = None, lease: LeaseToken | None = None) -> dict[str, Any]:
+    """Fetch, check, resize and write one shard, then commit it (only while ``lease`` is still the run's). Raises on
+    failure (the caller retries the shard); a failed attempt leaves no staging behind."""
     cv2.setNumThreads(1)  # one shard task per CPU: each resize stays on its own core
     start = time.time()
     rows = read_plan(plan.arrow_path)
@@ -123,12 +126,25 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
     _dedup_images(done, keys, claim if cfg.dedup_images else None)
     staging = f"{output.rstrip('/')}/_staging/{plan.shard_id:05d}-a{attempt}-{uuid.uuid4().hex[:8]}"
     fs, stage = commit.fs_and_path(staging)
-    fs.makedirs(stage, exist_ok=True)
-    _write(cfg, staging, plan.shard_id, rows, keys, done)
-    stats = _stats(plan.shard_id, done, start, attempt)
-    with fs.open(f"{stage}/{plan.shard_id:05d}_stats.json", "wb") as f:
-        f.write(json.dumps(stats, indent=1).encode())
-    return commit_staged(output, staging, plan.shard_id, cfg.output_format, stats)
+    try:
+        fs.makedirs(stage, exist_ok=True)
+        _write(cfg, staging, plan.shard_id, rows, keys, done)
+        stats = _stats(plan.shard_id, done, start, attempt)
+        with fs.open(f"{stage}/{plan.shard_id:05d}_stats.json", "wb") as f:
+            f.write(json.dumps(stats, indent=1).encode())
+        if lease is not None:
+            lease.check()  # a task of a dead or superseded run commits nothing
+        return commit_staged(output, staging, plan.shard_id, cfg.output_format, stats)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            needed = sum(len(o.data) for o in done if o.data is not None) + 512 * len(done)
+            raise commit.storage_full(output, f"writing shard {plan.shard_id:05d}", needed) from None
+        raise
+    finally:
+        try:  # the staging of a failed attempt is removed, so a retry starts on the space it had
+            fs.rm(stage, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
 
 
 def _fetch_one(url: Any, limits: FetchLimits, policy: AddressPolicy, proc: ImageProcessor) -> Outcome:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from pipeline.storage import commit
 from pipeline.storage.checkpoints import Checkpoints
 from pipeline.training import loop
 from pipeline.training.metrics import MetricsLog, read_metrics
-from pipeline.training.ranks import launch_ranks, rank_main, step_seed
+from pipeline.training.ranks import driver_lease, launch_ranks, rank_lease, rank_main, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class DVAETask:
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="dvae-prefetch")
         self.upcoming: Any = None
         self.end = cfg.dvae.steps  # the last step this run trains (dvae.stop_after_steps may stop it earlier)
+        self.lease_check: Callable[[], None] = lambda: None
         self.t0, self.seen = time.time(), 0
 
     def _batch(self, step: int) -> torch.Tensor:
@@ -175,7 +177,7 @@ class DVAETask:
     def save(self, done: int) -> None:
         ds_seam.save_checkpoint(self.engine, self.out, done, {"step": done, "seed": self.cfg.seed,
                                                               "images_seen": done * self.d.batch_size},
-                                keep=self.d.keep_checkpoints)
+                                keep=self.d.keep_checkpoints, before_commit=self.lease_check)
 
     def evaluate(self, module: DVAE, step: int) -> dict[str, Any]:
         """Rank 0: held-out figures and the reconstruction grid of ``step``, logged as an eval record."""
@@ -195,6 +197,12 @@ class DVAETask:
 
 def train(cfg: Config, rank: int, world: int) -> dict[str, Any] | None:
     """Train on this rank; returns the final result on rank 0 (None elsewhere, or when stopped early)."""
+    os.makedirs(cfg.path("dvae"), exist_ok=True)
+    with rank_lease(cfg.path("dvae"), "train-dvae", rank) as lease_check:
+        return _train(cfg, rank, world, lease_check)
+
+
+def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) -> dict[str, Any] | None:
     d, out, size = cfg.dvae, cfg.path("dvae"), cfg.download.image_size
     shape = dvae_shape(d)
     if size % shape.downsample:
@@ -231,7 +239,7 @@ def train(cfg: Config, rank: int, world: int) -> dict[str, Any] | None:
               f"{len(images.heldout)} held out; {world} ranks × {d.batch_size // world} images per step; "
               f"steps {start}..{end} of {d.steps}", flush=True)
     task = DVAETask(cfg, engine, images, rank, world, log, heldout_x)
-    task.end = end
+    task.end, task.lease_check = end, lease_check
     engine.train()
     loop.run(task, loop.Cadence(start, end, d.log_every, d.save_every), log)
     task.prefetch.shutdown()
@@ -266,6 +274,7 @@ def _finish(cfg: Config, task: DVAETask, shape: DVAEShape, size: int) -> dict[st
     if task.heldout_x is not None:
         result.update(task.evaluate(final, d.steps), recon_grid=os.path.join(out, f"recon_step{d.steps:06d}.png"))
     task.log.close()
+    task.lease_check()
     save_dvae(final, os.path.join(out, "dvae.pt"), extra=result)
     doc = {"result": result, "history": read_metrics(out, kind="train"), "evals": read_metrics(out, kind="eval")}
     commit.write_text(os.path.join(out, "metrics.json"), json.dumps(doc))
@@ -278,7 +287,8 @@ def launch(cfg: Config) -> dict[str, Any]:
     out = cfg.path("dvae")
     log_path = os.path.join(out, "launcher.log")
     logger.info("train-dvae: %d ranks through the deepspeed launcher; log %s", cfg.dvae.num_procs, log_path)
-    launch_ranks("pipeline.dvae.train", cfg, out, cfg.dvae.num_procs, PREFIX)
+    with driver_lease(out, "train-dvae"):
+        launch_ranks("pipeline.dvae.train", cfg, out, cfg.dvae.num_procs, PREFIX)
     if not os.path.exists(os.path.join(out, "metrics.json")):
         last = read_metrics(out, kind="train")[-1:]
         return {"stopped_after_step": last[0]["step"] if last else 0, "steps": cfg.dvae.steps,

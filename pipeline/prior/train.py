@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -32,7 +33,9 @@ from pipeline.storage.commit import atomic_output
 from pipeline.training import loop
 from pipeline.training.metrics import MetricsLog, plot_loss_curve, read_metrics
 from pipeline.training.ranks import (
+    driver_lease,
     launch_ranks,
+    rank_lease,
     rank_main,
     rng_state,
     set_rng_state,
@@ -51,17 +54,19 @@ def launch(cfg: Config) -> dict[str, Any]:
     """Train on ``prior.num_procs`` ranks: through the deepspeed launcher, or (``prior.launcher: ray``) on Ray Train
     workers running the same per-rank ``train``; the run's summary from its metrics."""
     p, out = cfg.prior, cfg.path("prior")
-    if p.launcher == "ray":
-        from pipeline.runtime import ray_seam
+    with driver_lease(out, "train-prior") as lease_env:
+        if p.launcher == "ray":
+            from pipeline.runtime import ray_seam
 
-        ray_seam.init_ray(cfg)
-        write_resolved_config(cfg, out)
-        job_cfg = absolute_paths(cfg)
-        ray_seam.train_on_workers(functools.partial(train, job_cfg), p.num_procs,
-                                  use_gpu=ray_seam.cluster_gpus() >= p.num_procs,
-                                  storage_path=os.path.join(job_cfg.run_dir, "ray_train"), name="train-prior")
-    else:
-        launch_ranks("pipeline.prior.train", cfg, out, p.num_procs, PREFIX)
+            ray_seam.init_ray(cfg)
+            write_resolved_config(cfg, out)
+            job_cfg = absolute_paths(cfg)
+            ray_seam.train_on_workers(functools.partial(train, job_cfg), p.num_procs,
+                                      use_gpu=ray_seam.cluster_gpus() >= p.num_procs,
+                                      storage_path=os.path.join(job_cfg.run_dir, "ray_train"), name="train-prior",
+                                      env=lease_env)
+        else:
+            launch_ranks("pipeline.prior.train", cfg, out, p.num_procs, PREFIX)
     metrics = read_metrics(out)
     return {"ranks": p.num_procs, "zero_stage": p.zero_stage, "steps": p.steps, "launcher": p.launcher,
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
@@ -69,8 +74,13 @@ def launch(cfg: Config) -> dict[str, Any]:
 
 
 def train(cfg: Config, rank: int, world: int) -> None:
+    os.makedirs(cfg.path("prior"), exist_ok=True)
+    with rank_lease(cfg.path("prior"), "train-prior", rank) as lease_check:
+        _train(cfg, rank, world, lease_check)
+
+
+def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) -> None:
     p, out = cfg.prior, cfg.path("prior")
-    os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     resume = find_resume(out, p.resume, rank)  # refuses before any work when the policy and the folder disagree
     plan = resume.plan if resume else make_plan(cfg.path("tokens"), p.loader_unit_rows)
@@ -79,6 +89,7 @@ def train(cfg: Config, rank: int, world: int) -> None:
         _check_resume(resume, shape, out)
     objective = build_objective(cfg, shape)
     task = PriorTask(cfg, rank, world, objective, shape, plan)
+    task.lease_check = lease_check
     start = task.resume(resume) if resume else 0
     if start >= p.steps and os.path.exists(os.path.join(out, "model.pt")):
         if rank == 0:
@@ -89,6 +100,8 @@ def train(cfg: Config, rank: int, world: int) -> None:
         loop.run(task, loop.Cadence(start, p.steps, p.log_every, p.save_every), task.log, summed=("valid",))
     finally:
         task.close()
+    if rank == 0:
+        lease_check()
     write_weights(task.engine, p.zero_stage, shape, plan.meta, p.steps, os.path.join(out, "model.pt"), task.ema)
     if task.log is not None:
         task.log.close()
@@ -125,6 +138,7 @@ class PriorTask:
         self.peak = prior_metrics.device_peak_tflops(p.peak_tflops)
         self.log: MetricsLog | None = None
         self.keys_file: Any = None
+        self.lease_check: Callable[[], None] = lambda: None
 
     def resume(self, resume: ResumePoint) -> int:
         """Load the checkpoint (engine, EMA, this rank's RNG state); the step it reached."""
@@ -193,7 +207,7 @@ class PriorTask:
                                       "data_position": self.loader.position(step * self.gas)}}
         client = dict(state, ema=self.ema.module.state_dict()) if self.ema is not None else state
         ds_seam.save_checkpoint(self.engine, self.out, step, client, rank_state={"rng": rng_state()},
-                                files=files, keep=self.p.keep_checkpoints)
+                                files=files, keep=self.p.keep_checkpoints, before_commit=self.lease_check)
 
 
 def _open_keys(out: str, rank: int, start: int):

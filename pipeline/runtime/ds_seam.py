@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,7 +143,8 @@ def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_pr
            "--config", config_file]
     with open(log_path, "w") as logf:
         logf.write(" ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_die_with_parent)
         assert proc.stdout is not None
         tail: list[str] = []
         rank_error = None
@@ -158,6 +160,18 @@ def launch(module: str, config_file: str, num_procs: int, log_path: str, echo_pr
         raise RankError(f"{rank_error} (log: {log_path})", rank_error.exit_code)
     if code != 0:
         raise RuntimeError(f"deepspeed launcher exited {code}; log: {log_path}\n" + "\n".join(tail))
+
+
+def _die_with_parent() -> None:
+    """In the launcher's process before exec: SIGTERM it when the driver dies (even by SIGKILL), so its ranks stop
+    (DeepSpeed's launcher kills its ranks on SIGTERM) instead of training on, orphaned. Linux's PR_SET_PDEATHSIG."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the ranks' lease check still stops them from committing
 
 
 def _remove_shm_buffers(port: int) -> None:
@@ -197,7 +211,7 @@ def _barrier() -> None:
 
 def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any],
                     rank_state: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
-                    keep: int = 0) -> str:
+                    keep: int = 0, before_commit: Callable[[], None] = lambda: None) -> str:
     """Save tag ``step{step:08d}`` and commit it (``pipeline.storage.checkpoints``) once every rank has written its
     part. ``rank_state`` is saved per rank (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes
     into the tag (e.g. the ds_config). ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints."""
@@ -212,6 +226,7 @@ def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any]
     fault_point("save", step, engine.global_rank)
     _barrier()  # every rank's shards are on disk before anything says the checkpoint exists
     if engine.global_rank == 0:
+        before_commit()  # e.g. the run's lease: a superseded or orphaned run commits no checkpoint
         ckpts.commit(tag, step, engine.world_size)
         ckpts.prune(keep)
     _barrier()

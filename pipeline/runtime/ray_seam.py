@@ -43,8 +43,35 @@ def init_ray(cfg: Config) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=_RUNTIME_ENV,
                  log_to_driver=True, configure_logging=False)
+        _guard_local_cluster()
     # Ray Data's own progress bars are noisy in logs; the stages print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _guard_local_cluster() -> None:
+    """This driver started the cluster: start ``pipeline.runtime.guardian`` to stop it if the driver is killed."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    node = ray._private.worker._global_node
+    targets = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            pid = info.process.pid
+            try:
+                targets.append(f"{pid}:{psutil.Process(pid).create_time()}")
+            except psutil.Error:
+                pass
+    subprocess.Popen([sys.executable, "-m", "pipeline.runtime.guardian", str(os.getpid()), *targets],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": _package_root()})
+
+
+def _package_root() -> str:
+    return os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            os.environ.get("PYTHONPATH", "")])
 
 
 def shutdown() -> None:

@@ -11,9 +11,11 @@ differ is refused before it writes anything, with the list of keys that changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from typing import IO, Any
 
 import fsspec
 
-from pipeline.errors import RunMismatchError
+from pipeline.errors import RunMismatchError, StorageError
 
 __all__ = ["RunMismatchError"]  # callers catch it from here too
 
@@ -75,25 +77,48 @@ def atomic_output(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
     else:
         fd, tmp = tempfile.mkstemp(prefix="pipeline-upload-")
         os.close(fd)
+    written = 0
     try:
         with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                written = f.tell()
         if local:
             os.replace(tmp, path)
         else:
             fs.put_file(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise storage_full(url, "writing", written) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def storage_full(location: str, doing: str, needed: int) -> StorageError:
+    """The one-line error for a full disk: where, doing what, how many bytes were needed and how many are free."""
+    free = ""
+    if is_local(location):
+        probe = os.path.abspath(location.removeprefix("file://"))
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        free = f", {shutil.disk_usage(probe).free:,} bytes free"
+    return StorageError(f"{location}: no space left on the device {doing} ({needed:,} bytes needed{free}); free some "
+                        "space and rerun: what was committed is kept")
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Publish ``data`` at ``path`` of ``fs`` whole or not at all."""
     if _is_local(fs):
-        with atomic_output(path) as f:
-            f.write(data)
+        try:
+            with atomic_output(path) as f:
+                f.write(data)
+        except StorageError:  # say how much this write needed, not how far it got
+            raise storage_full(path, "writing", len(data)) from None
     else:  # an object store PUT of one body is atomic
         fs.pipe_file(path, data)
 
@@ -106,6 +131,22 @@ def write_text(url: str, text: str) -> None:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def clear_debris(fs: fsspec.AbstractFileSystem, folder: str, subfolders: tuple[str, ...] = ()) -> list[str]:
+    """Remove what dead runs left in ``folder``: temporary files of interrupted atomic writes (``*.tmp-*``) and the
+    given work subfolders (staging, plans). Only the holder of the folder's lease may call this."""
+    removed = []
+    if not fs.exists(folder):
+        return removed
+    for path in fs.glob(f"{folder}/*.tmp-*"):
+        fs.rm(path)
+        removed.append(path)
+    for sub in subfolders:
+        if fs.exists(f"{folder}/{sub}"):
+            fs.rm(f"{folder}/{sub}", recursive=True)
+            removed.append(f"{folder}/{sub}")
+    return removed
 
 
 def marker_path(folder: str, shard_id: int) -> str:

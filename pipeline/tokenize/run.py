@@ -17,6 +17,7 @@ from pipeline.errors import NotFoundError
 from pipeline.runtime import ray_seam
 from pipeline.runtime.progress import Progress
 from pipeline.storage import commit, shards
+from pipeline.storage.lease import Lease
 from pipeline.tokenize.encode import Encoder, EncoderSpec, decode_shard
 from pipeline.tokenize.writer import ShardAssembler
 
@@ -35,12 +36,21 @@ class _Decode:
 
 
 def run_tokenize(cfg: Config, spec: EncoderSpec, encoder_threads: int = 1) -> dict[str, Any]:
-    """Every committed image shard not yet tokenized, tokenized; the run's summary (also ``_summary.json``)."""
+    """Every committed image shard not yet tokenized, tokenized, under the token folder's lease; the run's summary
+    (also ``_summary.json``)."""
     images, tokens = cfg.path("tokens_input"), cfg.path("tokens")
     image_shards = shards.committed_image_shards(images)
     if not image_shards:
         raise NotFoundError(f"{images}: no committed image shards to tokenize")
+    with Lease(tokens, "tokenize") as lease:
+        return _run(cfg, spec, encoder_threads, image_shards, lease)
+
+
+def _run(cfg: Config, spec: EncoderSpec, encoder_threads: int, image_shards: dict[int, dict[str, Any]],
+         lease: Lease) -> dict[str, Any]:
+    images, tokens = cfg.path("tokens_input"), cfg.path("tokens")
     fs, out = commit.fs_and_path(tokens)
+    commit.clear_debris(fs, out)  # temporary files of a killed run: ours to remove while we hold the lease
     settings = {"images": images, "spec": spec.__dict__}
     commit.claim_run(fs, out, "tokenize", settings)  # a changed model or preprocessing is refused before any write
     done = set(commit.committed_shards(fs, out))
@@ -49,7 +59,7 @@ def run_tokenize(cfg: Config, spec: EncoderSpec, encoder_threads: int = 1) -> di
     expected_rows = sum(todo.values())
     log.info("tokenize: %d shards (%d rows) to encode, %d already committed", len(todo), expected_rows, len(done))
     progress = Progress("tokenize", total=expected_rows, unit="rows")
-    assembler = ShardAssembler(tokens, metadata, todo, on_rows=progress.update)
+    assembler = ShardAssembler(tokens, metadata, todo, on_rows=progress.update, before_commit=lease.token.check)
     for s in [s for s, n in todo.items() if n == 0]:  # a shard whose every URL failed gets an empty token shard
         assembler.commit(s)
     work = {s: n for s, n in todo.items() if n > 0}

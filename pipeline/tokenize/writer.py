@@ -84,8 +84,9 @@ class ShardAssembler:
     at all (one ``SHARD_ERROR`` row) is recorded in ``failed`` and never committed."""
 
     def __init__(self, folder: str, metadata: dict[str, Any], expected: dict[int, int],
-                 on_rows: Callable[[int], None] = lambda n: None):
+                 on_rows: Callable[[int], None] = lambda n: None, before_commit: Callable[[], None] = lambda: None):
         self.folder, self.metadata, self.expected, self.on_rows = folder, metadata, expected, on_rows
+        self.before_commit = before_commit  # e.g. the run's lease check: a superseded run commits nothing
         self.written: dict[str, Any] = {}
         self.failed: dict[str, str] = {}
         self._buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
@@ -120,6 +121,7 @@ class ShardAssembler:
     def commit(self, s: int) -> None:
         parts = [p for p in self._buffers.pop(s, []) if len(p["key"])]
         rows = concat(parts) if parts else empty_rows(self.metadata)
+        self.before_commit()
         seconds = time.time() - self._started[s] if s in self._started else 0.0
         self.written[f"{s:05d}"] = write_token_shard(self.folder, s, rows, self.metadata, self._rejects.pop(s, {}),
                                                      seconds)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import random
 import socket
@@ -18,6 +20,7 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, rank_error_line
 from pipeline.runtime import ds_seam
+from pipeline.storage.lease import Lease, LeaseToken
 
 T = TypeVar("T")
 
@@ -69,6 +72,39 @@ def single_rank_env() -> Iterator[bool]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+LEASE_ENV = "PIPELINE_RUN_LEASE"  # the driver's lease on the output folder, handed to its ranks
+
+
+@contextlib.contextmanager
+def driver_lease(out: str, stage: str) -> Iterator[dict[str, str]]:
+    """The driver holds ``out``'s lease while its ranks train; yields the environment that tells ranks its token."""
+    with Lease(out, stage) as lease:
+        env = {LEASE_ENV: json.dumps(dataclasses.asdict(lease.token))}
+        saved = os.environ.get(LEASE_ENV)
+        os.environ.update(env)  # the deepspeed launcher passes the driver's environment on to every rank
+        try:
+            yield env
+        finally:
+            if saved is None:
+                os.environ.pop(LEASE_ENV, None)
+            else:
+                os.environ[LEASE_ENV] = saved
+
+
+@contextlib.contextmanager
+def rank_lease(out: str, stage: str, rank: int) -> Iterator[Callable[[], None]]:
+    """What rank 0 calls before it commits a checkpoint or weights: the driver's lease check when a driver holds the
+    lease, else (a rank started without one, e.g. ``deepspeed ... jobs/train_prior.py``) rank 0 holds it itself."""
+    if os.environ.get(LEASE_ENV):
+        token = LeaseToken(**json.loads(os.environ[LEASE_ENV]))
+        yield token.check
+    elif rank == 0:
+        with Lease(out, stage) as lease:
+            yield lease.token.check
+    else:
+        yield lambda: None
 
 
 def write_resolved_config(cfg: Config, out: str) -> str:

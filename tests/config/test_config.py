@@ -39,6 +39,8 @@ def test_bad_value_is_named():
         load_config(None, ["prior.zero_stage=4"])
     with pytest.raises(ConfigError, match="'dvae.vocab_size'"):
         load_config(None, ["dvae.vocab_size=70000"])
+    with pytest.raises(ConfigError, match=r"'download.encode_quality': must be in \[0, 9\] for png"):
+        load_config(None, ["download.encode_format=png"])  # 95, the jpg default, fails every shard task otherwise
     for procs in (1, 2):  # the sign is the fault, whatever the rank count
         with pytest.raises(ConfigError, match="'dvae.batch_size': must be > 0"):
             load_config(None, ["dvae.batch_size=-1", f"dvae.num_procs={procs}"])

@@ -66,7 +66,7 @@ def test_schema_and_keys_match_the_download(workspace):
     assert marker["rows"] == 16 and marker["rejects"] == {} and marker["images_per_s"] > 0
 
 
-def test_bad_samples_become_rejects_and_a_tampered_shard_is_named(workspace, tmp_path):
+def test_bad_samples_become_rejects_and_a_tampered_shard_is_named(workspace, tmp_path, capsys):
     """Copy the image shards, break some samples (and one whole shard), tokenize: rows + rejects = input."""
     src = workspace.path("images")
     dst = tmp_path / "images"
@@ -111,6 +111,11 @@ def test_bad_samples_become_rejects_and_a_tampered_shard_is_named(workspace, tmp
     t0 = pq.read_table(tmp_path / "tokens" / "00000.parquet")
     assert t0.num_rows + len(done["rejected_keys"]) == 16
     assert not (tmp_path / "tokens" / "00001.done.json").exists()
+    from pipeline.cli import main  # the command says so with its exit code: a script must not carry on
+
+    code = main(["tokenize", "--config", "configs/tiny.yaml", f"run_dir={workspace.run_dir}", f"tokenize.input={dst}",
+                 f"tokenize.output={tmp_path / 'tokens'}", "tokenize.batch_size=8"])
+    assert code == 3 and "tokenize finished with failures: 1 shard(s) failed (00001)" in capsys.readouterr().err
 
 
 def _encoder_pids() -> list[int]:
