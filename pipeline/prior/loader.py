@@ -94,9 +94,11 @@ def _token_types_problem(sch: pa.Schema) -> str | None:
     return None
 
 
-def _footer(fs: Any, path: str) -> tuple[list[int], dict]:
-    """Row-group row counts and shared metadata of one shard, from its Parquet footer alone."""
+def _footer(fs: Any, path: str, manifest: dict) -> tuple[list[int], dict, dict]:
+    """Row-group row counts, shared metadata and the marker check (size, footer sha256) of one committed shard,
+    from its Parquet footer alone."""
     try:
+        check = schema.verify_token_shard(fs, path, manifest)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             md, sch = pf.metadata, pf.schema_arrow
@@ -115,12 +117,13 @@ def _footer(fs: Any, path: str) -> tuple[list[int], dict]:
     width, grid = sch.field("image_tokens").type.list_size, int(meta.get("grid") or 0)
     if width != grid * grid:
         raise DataError(f"{path}: image_tokens rows hold {width} tokens but metadata grid {grid} means {grid * grid}")
-    return [md.row_group(i).num_rows for i in range(md.num_row_groups)], {k: meta.get(k) for k in schema.SHARED_META}
+    rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    return rows, {k: meta.get(k) for k in schema.SHARED_META}, check
 
 
-def _footers(fs: Any, paths: list[str]) -> list[tuple[list[int], dict]]:
+def _footers(fs: Any, paths: list[str], manifests: list[dict]) -> list[tuple[list[int], dict, dict]]:
     with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(paths)))) as pool:
-        return list(pool.map(lambda p: _footer(fs, p), paths))  # raises the first failure in shard order
+        return list(pool.map(lambda pm: _footer(fs, *pm), zip(paths, manifests)))  # first failure, in shard order
 
 
 def _check_agrees(path: str, meta: dict, ref_name: str, ref: dict) -> None:
@@ -134,14 +137,16 @@ def make_plan(folder: str, unit_rows: int) -> DataPlan:
     if unit_rows < 1:
         raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
     fs, path = commit.fs_and_path(folder)
-    ids = list(commit.committed_shards(fs, path))
+    committed = commit.committed_shards(fs, path)
+    ids = list(committed)
     if not ids:
         raise DataError(f"{folder}: no committed token shards")
     paths = [f"{path}/{i:05d}.parquet" for i in ids]
-    footers = _footers(fs, paths)
-    for p, (_, meta) in zip(paths, footers):
+    footers = _footers(fs, paths, [committed[i] for i in ids])  # each checked against its marker
+    for p, (_, meta, _) in zip(paths, footers):
         _check_agrees(p, meta, paths[0], footers[0][1])
-    shards = [{"path": p, "shard": i, "row_groups": rows} for p, i, (rows, _) in zip(paths, ids, footers)]
+    shards = [{"path": p, "shard": i, "row_groups": rows, **check}
+              for p, i, (rows, _, check) in zip(paths, ids, footers)]
     return DataPlan(folder=folder, shards=shards, meta=footers[0][1], unit_rows=unit_rows)
 
 
@@ -152,7 +157,11 @@ def check_plan(plan: DataPlan) -> None:
     for s in plan.shards:
         if s["shard"] not in committed:
             raise DataError(f"{s['path']}: in the training plan but no longer committed (its marker is gone)")
-    for s, (rows, meta) in zip(plan.shards, _footers(fs, [s["path"] for s in plan.shards])):
+    found = _footers(fs, [s["path"] for s in plan.shards], [committed[s["shard"]] for s in plan.shards])
+    for s, (rows, meta, check) in zip(plan.shards, found):
+        if s.get("footer_sha256") and check["footer_sha256"] != s["footer_sha256"]:  # marker rewritten with it
+            raise DataError(f"{s['path']}: rewritten since the plan was made (its Parquet footer changed); resume "
+                            "with the data the checkpoint was trained on, or train into a new prior.output")
         if rows != list(s["row_groups"]):
             bad = next((i for i, (a, b) in enumerate(zip(rows, s["row_groups"])) if a != b),
                        min(len(rows), len(s["row_groups"])))
@@ -307,7 +316,7 @@ class TokenLoader:
         path = self.plan.shards[shard]["path"]
         out = {}
         with self._fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f, metadata=self._footers.get(shard))  # a cached footer saves a request per open
+            pf = schema.open_token_shard(f, self._footers.get(shard))  # a cached footer; pages CRC-checked
             with self._lock:
                 self._footers[shard] = pf.metadata
                 while len(self._footers) > 256:
@@ -319,7 +328,7 @@ class TokenLoader:
             for g in groups:
                 try:
                     table = pf.read_row_group(g, columns=self.columns)
-                except pa.ArrowException as e:
+                except (OSError, pa.ArrowException) as e:  # OSError: a data page whose CRC does not match
                     raise DataError(f"{path}: cannot read row group {g} ({e})") from e
                 self.row_groups_read += 1
                 out[g] = RowGroup(table, path, self.grid * self.grid, self.text_vocab, self.image_vocab,

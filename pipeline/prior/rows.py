@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +42,9 @@ class RowGroup:
     def __init__(self, table: pa.Table, path: str, width: int, text_vocab: int, image_vocab: int,
                  embed_dim: int = 0, heldout_percent: float = 0.0):
         self.keys = table.column("key").to_numpy()
+        if len(set(self.keys.tolist())) != len(self.keys):  # a rewritten shard must not train a key twice
+            dup = next(k for k, n in Counter(self.keys.tolist()).items() if n > 1)
+            raise DataError(f"{path}: row key {dup!r} appears more than once in a row group; refusing to train on it")
         img = table.column("image_tokens").combine_chunks()
         if img.type.list_size != width:
             raise DataError(f"{path}: image_tokens rows hold {img.type.list_size} tokens, expected {width}")

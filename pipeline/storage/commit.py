@@ -157,6 +157,15 @@ def write_marker(fs: fsspec.AbstractFileSystem, folder: str, shard_id: int, mani
     atomic_write(fs, marker_path(folder, shard_id), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
+def read_marker(fs: fsspec.AbstractFileSystem, folder: str, shard_id: int) -> dict[str, Any] | None:
+    """The marker of one shard, or None when it is not committed."""
+    try:
+        with fs.open(marker_path(folder, shard_id), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
 def committed_shards(fs: fsspec.AbstractFileSystem, folder: str) -> dict[int, dict[str, Any]]:
     """Shard id → manifest, for every shard whose marker exists."""
     if not fs.exists(folder):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, NotFoundError
 from pipeline.storage import commit
+from pipeline.storage.commit import sha256_file
 
 SCHEMA_VERSION = "1"
 META_KEY = b"pipeline.tokens"
@@ -70,8 +72,55 @@ def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     # Row groups of ~1k rows: the prior's loader deals row groups to ranks and reads one per unit, so one big
     # group per shard would make every rank read (and, on S3, fetch) the whole shard for each slice it owns.
-    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    # Page checksums (CRC32 per data page): readers verify every page they decode, for free next to the decode.
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
     return buf.getvalue()
+
+
+def footer_sha256(data_tail: bytes) -> str:
+    """sha256 of a Parquet file's footer (its metadata: schema, row groups, offsets, statistics), from the file's
+    last bytes (at least footer + 8). Any rewrite of the rows changes it."""
+    length = int.from_bytes(data_tail[-8:-4], "little")
+    if data_tail[-4:] != b"PAR1" or length + 8 > len(data_tail):
+        raise DataError("not a Parquet file (no PAR1 footer)")
+    return hashlib.sha256(data_tail[-8 - length:-8]).hexdigest()
+
+
+def read_footer(fs: Any, path: str) -> tuple[int, str]:
+    """(file size, footer sha256) of a Parquet file, reading only its tail."""
+    with fs.open(path, "rb") as f:
+        size = f.size if hasattr(f, "size") else fs.size(path)
+        f.seek(max(0, size - 8))
+        length = int.from_bytes(f.read(8)[:4], "little")
+        f.seek(max(0, size - 8 - length))
+        return size, footer_sha256(f.read())
+
+
+def verify_token_shard(fs: Any, path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Check a committed token shard against its marker before it is read: its size always, and its footer's
+    sha256 (cheap: the footer is read anyway) where the marker records one; older markers without it get the whole
+    file's sha256 (one full read). The data pages are then checked by their CRC as they are read
+    (``open_token_shard``). Returns what the plan records: size and footer hash."""
+    size, footer = read_footer(fs, path)
+    if manifest.get("bytes") is not None and size != int(manifest["bytes"]):
+        raise DataError(f"{path}: {size} bytes, its commit marker records {manifest['bytes']}: the shard was "
+                        "rewritten or truncated after its commit; refusing to read it")
+    if manifest.get("footer_sha256"):
+        if footer != manifest["footer_sha256"]:
+            raise DataError(f"{path}: its Parquet footer (row groups, row counts) differs from what its commit "
+                            "marker recorded: the shard was rewritten after its commit; refusing to read it")
+    elif manifest.get("sha256"):
+        got = sha256_file(fs, path)
+        if got != manifest["sha256"]:
+            raise DataError(f"{path}: sha256 {got[:12]} differs from its commit marker's {manifest['sha256'][:12]}: "
+                            "the shard changed after its commit; refusing to read it")
+    return {"bytes": size, "footer_sha256": footer}
+
+
+def open_token_shard(f: Any, metadata: Any = None) -> pq.ParquetFile:
+    """A token shard opened so that every data page read is checked against its CRC (shards written before page
+    checksums simply have none to check)."""
+    return pq.ParquetFile(f, metadata=metadata, page_checksum_verification=True)
 
 
 def read_metadata(fs, path: str) -> dict[str, Any]:
@@ -83,14 +132,16 @@ def read_metadata(fs, path: str) -> dict[str, Any]:
 
 
 def read_token_shards(folder: str, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """Every committed token shard of ``folder`` as one table; refuses shards whose provenance disagrees."""
+    """Every committed token shard of ``folder`` as one table, each checked against its marker first; refuses shards
+    whose provenance disagrees."""
     fs, path = commit.fs_and_path(folder)
     shards = commit.committed_shards(fs, path)
     if not shards:
         raise NotFoundError(f"{folder}: no committed token shards")
     tables, first = [], None
-    for shard_id in shards:
+    for shard_id, manifest in shards.items():
         p = f"{path}/{shard_id:05d}.parquet"
+        verify_token_shard(fs, p, manifest)
         meta = read_metadata(fs, p)
         shared = {k: meta.get(k) for k in SHARED_META}
         if first is None:
@@ -99,6 +150,9 @@ def read_token_shards(folder: str, columns: list[str] | None = None) -> tuple[pa
             diff = [k for k in SHARED_META if shared[k] != first[1][k]]
             raise DataError(f"{p}: metadata {diff} disagrees with {first[0]}; refusing to mix token shards")
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+            try:
+                tables.append(open_token_shard(f).read(columns=columns))
+            except (OSError, pa.ArrowException) as exc:  # a page whose CRC fails, or a torn file
+                raise DataError(f"{p}: unreadable although committed ({exc})") from exc
     assert first is not None
     return pa.concat_tables(tables), first[1]

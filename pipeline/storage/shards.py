@@ -6,6 +6,7 @@ are not contiguous still yields whole samples (Ray Data's read_webdataset can mi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -26,14 +27,34 @@ def committed_image_shards(folder: str) -> dict[int, dict[str, Any]]:
     return commit.committed_shards(fs, path)
 
 
-def read_shard_samples(folder: str, shard_id: int) -> list[dict[str, Any]]:
-    """Every successful sample of a shard: key, image bytes, caption and its json metadata (tar or Parquet output)."""
+def _committed_bytes(fs: Any, path: str, files: dict[str, Any]) -> bytes:
+    """The file's bytes, after checking them against its commit marker's size and sha256: every reader of an image
+    shard (dVAE, tokenize, evaluation) hashes what it reads anyway in full, so the check costs one pass in memory."""
+    data = fs.cat_file(path)
+    name = path.rsplit("/", 1)[-1]
+    info = files.get(name) or {}
+    if "bytes" in info and len(data) != int(info["bytes"]):
+        raise DataError(f"{name} changed since it was committed ({len(data)} bytes, its marker records "
+                        f"{info['bytes']})")
+    if "sha256" in info:
+        got = hashlib.sha256(data).hexdigest()
+        if got != info["sha256"]:
+            raise DataError(f"{name} changed since it was committed (sha256 {got[:12]} != {info['sha256'][:12]})")
+    return data
+
+
+def read_shard_samples(folder: str, shard_id: int, files: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every successful sample of a committed shard: key, image bytes, caption and its json metadata (tar or Parquet
+    output). Its bytes are checked against the marker's record first (``files``: the marker's, read if not given)."""
     fs, path = commit.fs_and_path(folder)
+    if files is None:
+        files = (commit.read_marker(fs, path, shard_id) or {}).get("files", {})
     tar_path = f"{path}/{shard_id:05d}.tar"
     if not fs.exists(tar_path):
-        return _read_parquet_shard(fs, f"{path}/{shard_id:05d}.parquet", shard_id)
+        return _read_parquet_shard(fs, f"{path}/{shard_id:05d}.parquet", shard_id, files)
     grouped: dict[str, dict[str, bytes]] = {}
-    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r") as tar:
+    data = _committed_bytes(fs, tar_path, files)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
             if not member.isfile():
                 continue
@@ -58,12 +79,11 @@ def read_shard_samples(folder: str, shard_id: int) -> list[dict[str, Any]]:
     return samples
 
 
-def _read_parquet_shard(fs: Any, pq_path: str, shard_id: int) -> list[dict[str, Any]]:
+def _read_parquet_shard(fs: Any, pq_path: str, shard_id: int, files: dict[str, Any]) -> list[dict[str, Any]]:
     """download.output_format=parquet: one row per input row, image bytes in the encode-format column."""
     import pyarrow.parquet as pq
 
-    with fs.open(pq_path, "rb") as f:
-        table = pq.read_table(f)
+    table = pq.read_table(io.BytesIO(_committed_bytes(fs, pq_path, files)))
     col = next((e for e in IMAGE_EXTS if e in table.column_names), None)
     if col is None:
         raise DataError(f"{pq_path}: no image column (one of {IMAGE_EXTS}) in {table.column_names}")

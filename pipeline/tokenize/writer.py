@@ -49,7 +49,8 @@ def write_token_shard(folder: str, shard_id: int, rows: dict[str, Any], metadata
         reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
     manifest = {"shard_id": shard_id, "rows": len(keys), "first_key": keys[0] if keys else None,
                 "last_key": keys[-1] if keys else None, "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "rejects": dict(sorted(reasons.items())),
+                "sha256": hashlib.sha256(data).hexdigest(), "footer_sha256": schema.footer_sha256(data),
+                "rejects": dict(sorted(reasons.items())),
                 "rejected_keys": dict(sorted(rejects.items())), "seconds": round(seconds, 3),
                 "images_per_s": round((len(keys) + len(rejects)) / seconds, 2) if seconds > 0 else None}
     commit.write_marker(fs, path, shard_id, manifest)

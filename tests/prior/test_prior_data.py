@@ -259,3 +259,57 @@ def test_text_is_padded_exactly_like_pad_text(tokens):
     assert torch.equal(torch.cat([b.text for b in batches]), pad_text(lists, 8, TEXT_VOCAB))
     image = np.stack([rows[k][1] for b in batches for k in b.keys])
     assert np.array_equal(torch.cat([b.image for b in batches]).numpy(), image)
+
+
+def _committed_for_real(folder: str, shard_id: int, n: int) -> str:
+    """A token shard written and committed by tokenize's own writer (marker with size, sha256 and footer hash)."""
+    from pipeline.tokenize.writer import write_token_shard
+
+    rows = shard_rows(shard_id, n)
+    rows |= {"url": [""] * n, "caption": ["c"] * n, "sha256": [""] * n, "width": [16] * n, "height": [16] * n,
+             "clip_image_emb": np.zeros((n, 4)), "clip_text_emb": np.zeros((n, 4)), "clip_similarity": np.zeros(n)}
+    write_token_shard(folder, shard_id, rows, META)
+    return f"{folder}/{shard_id:05d}.parquet"
+
+
+def test_a_shard_rewritten_after_its_commit_is_refused_not_trained_on(tmp_path):
+    folder = str(tmp_path / "tokens")
+    path = _committed_for_real(folder, 0, 25)
+    _committed_for_real(folder, 1, 25)
+    plan = make_plan(folder, 8)  # as committed: fine
+    table = pq.read_table(path)  # rewritten: valid Parquet, its 25 rows twice, same metadata
+    pq.write_table(pa.concat_tables([table, table]), path)
+    with pytest.raises(DataError, match=r"00000\.parquet: \d+ bytes, its commit marker records \d+"):
+        make_plan(folder, 8)
+    with pytest.raises(DataError, match=r"00000\.parquet"):
+        check_plan(plan)  # a resume onto the rewritten shard is refused too
+
+
+def test_a_corrupt_page_is_caught_by_its_checksum_and_named(tmp_path):
+    folder = str(tmp_path / "tokens")
+    path = _committed_for_real(folder, 0, 40)
+    data = bytearray(open(path, "rb").read())
+    marker = json.loads(open(f"{folder}/00000.done.json").read())
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    col = next(rg.column(i) for i in range(rg.num_columns)  # image_tokens: a column the loader reads
+               if rg.column(i).path_in_schema.startswith("image_tokens"))
+    data[col.data_page_offset + col.total_compressed_size // 2] ^= 0xFF  # a flipped byte: same size, same footer
+    open(path, "wb").write(bytes(data))
+    plan = make_plan(folder, 8)  # size and footer still match the marker: only the page checksum can tell
+    assert marker["footer_sha256"] == plan.shards[0]["footer_sha256"]
+    loader = TokenLoader(plan, **ARGS, expect_grid=GRID)
+    with pytest.raises(DataError, match=r"00000\.parquet: cannot read row group"):
+        for _ in zip(range(20), loader.batches()):
+            pass
+    loader.close()
+
+
+def test_duplicate_keys_in_a_row_group_are_refused(tmp_path):
+    folder = str(tmp_path / "tokens")
+    rows = shard_rows(0, 10)
+    rows["key"][3] = rows["key"][2]
+    write_shard(folder, 0, rows=rows)
+    loader = TokenLoader(make_plan(folder, 4), **ARGS, expect_grid=GRID)
+    with pytest.raises(DataError, match=r"row key 's00-0002' appears more than once"):
+        next(iter(loader.batches()))
+    loader.close()

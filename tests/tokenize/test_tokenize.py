@@ -97,6 +97,7 @@ def test_bad_samples_become_rejects_and_a_tampered_shard_is_named(workspace, tmp
     tar0.write_bytes(buf.getvalue())
     marker = json.loads((dst / "00000.done.json").read_text())  # re-commit the edited shard (as if it came so)
     marker["files"]["00000.tar"]["sha256"] = commit.sha256_file(*commit.fs_and_path(str(tar0)))
+    marker["files"]["00000.tar"]["bytes"] = tar0.stat().st_size
     (dst / "00000.done.json").write_text(json.dumps(marker))
     tar1 = dst / "00001.tar"
     tar1.write_bytes(tar1.read_bytes()[:5000])  # truncated after commit: its marker's sha256 no longer matches
