@@ -31,6 +31,7 @@ from pipeline.config import DownloadConfig
 from pipeline.download.fetch import FETCH_CODES, AddressPolicy, FetchLimits, fetch
 from pipeline.download.imaging import IMAGE_CODES, ImageLimits, ImageProcessor
 from pipeline.storage import commit
+from pipeline.storage.faults import fault_point
 from pipeline.storage.lease import LeaseToken
 
 OOM_SHARD_COUNT = 5  # shard names are {shard:05d}, the same in images/ and tokens/
@@ -241,6 +242,7 @@ def commit_staged(output: str, staging: str, shard_id: int, output_format: str,
                                       "filtered", "codes", "bytes_downloaded", "bytes_written", "start_time",
                                       "end_time", "attempt")}
     manifest.update(files=files, format=output_format, errors={k: v for k, v in stats["codes"].items() if k != "ok"})
+    fault_point("shard-commit", shard_id)  # files in place, marker not yet: the worst moment to die
     commit.write_marker(fs, out, shard_id, manifest)
     try:
         fs.rm(stage, recursive=True)

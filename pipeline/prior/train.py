@@ -28,8 +28,8 @@ from pipeline.prior.checkpoints import ResumePoint, find_resume, write_weights
 from pipeline.prior.loader import TokenLoader, check_plan, make_plan
 from pipeline.prior.objectives import build_objective, make_ema, prior_shape, update_ema
 from pipeline.runtime import ds_seam
-from pipeline.storage.checkpoints import fault_point
 from pipeline.storage.commit import atomic_output
+from pipeline.storage.faults import fault_point
 from pipeline.training import loop
 from pipeline.training.metrics import MetricsLog, plot_loss_curve, read_metrics
 from pipeline.training.ranks import (

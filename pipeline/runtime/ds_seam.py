@@ -16,8 +16,9 @@ import torch
 
 from pipeline.config import PriorConfig
 from pipeline.errors import CheckpointError, ConfigError, RankError, find_rank_error
-from pipeline.storage.checkpoints import Checkpoints, fault_point, tag_of
+from pipeline.storage.checkpoints import Checkpoints, tag_of
 from pipeline.storage.commit import write_text
+from pipeline.storage.faults import fault_point
 
 __all__ = ["CheckpointError"]  # raised here; defined with the other user-facing errors
 

@@ -28,18 +28,6 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
-def fault_point(where: str, step: int, rank: int) -> None:
-    """Crash-test hook: ``PIPELINE_PRIOR_FAULT=<where>:<step>[:<rank>]`` makes that rank (default 0) exit hard at
-    that point, as a killed process would: no exception handlers, no cleanup. Unset in normal runs."""
-    spec = os.environ.get("PIPELINE_PRIOR_FAULT", "")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] == where and int(parts[1]) == step and rank == (int(parts[2]) if len(parts) > 2 else 0):
-        print(f"[fault] rank {rank} exits hard at {where}:{step}", flush=True)
-        os._exit(17)
-
-
 class Checkpoints:
     """The checkpoints of one output folder (a local path: DeepSpeed writes and reads checkpoint folders there)."""
 

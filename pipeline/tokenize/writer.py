@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.storage import commit, schema
+from pipeline.storage.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def write_token_shard(folder: str, shard_id: int, rows: dict[str, Any], metadata
                 "rejects": dict(sorted(reasons.items())),
                 "rejected_keys": dict(sorted(rejects.items())), "seconds": round(seconds, 3),
                 "images_per_s": round((len(keys) + len(rejects)) / seconds, 2) if seconds > 0 else None}
+    fault_point("token-commit", shard_id)  # Parquet in place, marker not yet
     commit.write_marker(fs, path, shard_id, manifest)
     return manifest
 

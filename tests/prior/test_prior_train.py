@@ -63,7 +63,7 @@ def config(tmp_path: Path, tokens: Path, out: str, **prior) -> Path:
 
 
 def launch(cfg: Path, fault: str = "", entry: str = "stage") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIPELINE_PRIOR_FAULT": fault}
+    env = {**os.environ, "PIPELINE_FAULT": fault}
     if entry == "stage":
         cmd = [sys.executable, "-m", "pipeline", "train-prior", "--config", str(cfg)]
     else:  # the deepspeed launcher straight on the job script, as `deepspeed --hostfile H jobs/train_prior.py`
