@@ -95,7 +95,7 @@ def _run_shards(cfg: Config, output: str, plans: list[ShardPlan], registry: Any,
         totals["rows"] += manifest["count"]
         totals["successes"] += manifest["successes"]
         totals["bytes_downloaded"] += manifest["bytes_downloaded"]
-        fs.rm(commit.fs_and_path(plan.arrow_path)[1])  # the plan is spent once its shard is committed
+        commit.remove(fs, commit.fs_and_path(plan.arrow_path)[1])  # the plan is spent once its shard is committed
         progress.update(1, f"shard {plan.shard_id:05d}: {manifest['successes']}/{manifest['count']} ok")
 
     def gave_up(plan: ShardPlan, error: str) -> None:

@@ -143,8 +143,8 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
         raise
     finally:
         try:  # the staging of a failed attempt is removed, so a retry starts on the space it had
-            fs.rm(stage, recursive=True)
-        except (FileNotFoundError, OSError):
+            commit.remove(fs, stage, recursive=True)
+        except OSError:
             pass
 
 
@@ -245,7 +245,7 @@ def commit_staged(output: str, staging: str, shard_id: int, output_format: str,
     fault_point("shard-commit", shard_id)  # files in place, marker not yet: the worst moment to die
     commit.write_marker(fs, out, shard_id, manifest)
     try:
-        fs.rm(stage, recursive=True)
-    except (FileNotFoundError, OSError):
+        commit.remove(fs, stage, recursive=True)
+    except OSError:
         pass
     return manifest

@@ -220,15 +220,17 @@ def run_on_workers(fn: Callable[..., Any], args: list[tuple], num_cpus: float, n
 
 
 def train_on_workers(per_rank: Callable[[int, int], Any], num_workers: int, use_gpu: bool, storage_path: str,
-                     name: str) -> None:
+                     name: str, env: dict[str, str] | None = None) -> None:
     """``per_rank(rank, world)`` on ``num_workers`` Ray Train workers (a ``TorchTrainer``), in the process group Ray
-    Train makes, adopted by DeepSpeed; CPU workers use DeepSpeed's CPU accelerator and gloo."""
+    Train makes, adopted by DeepSpeed; CPU workers use DeepSpeed's CPU accelerator and gloo. ``env`` is set in each
+    worker first (e.g. the driver's lease token; never secrets)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     def loop(_: dict[str, Any]) -> None:
         import torch
 
+        os.environ.update(env or {})
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported in this worker
         from pipeline.runtime import ds_seam

@@ -140,13 +140,27 @@ def clear_debris(fs: fsspec.AbstractFileSystem, folder: str, subfolders: tuple[s
     if not fs.exists(folder):
         return removed
     for path in fs.glob(f"{folder}/*.tmp-*"):
-        fs.rm(path)
+        remove(fs, path)
         removed.append(path)
     for sub in subfolders:
         if fs.exists(f"{folder}/{sub}"):
-            fs.rm(f"{folder}/{sub}", recursive=True)
+            remove(fs, f"{folder}/{sub}", recursive=True)
             removed.append(f"{folder}/{sub}")
     return removed
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    """Delete ``path`` if it exists. Locally with plain os calls: fsspec's local ``rm`` calls ``os.getcwd()``, which
+    fails in a process whose working directory was removed (a Ray job's unpacked working_dir, for one)."""
+    try:
+        if not _is_local(fs):
+            fs.rm(path, recursive=recursive)
+        elif os.path.isdir(path):
+            (shutil.rmtree if recursive else os.rmdir)(path)
+        else:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def marker_path(folder: str, shard_id: int) -> str:

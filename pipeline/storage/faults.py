@@ -26,5 +26,5 @@ def fault_point(where: str, n: int, rank: int = 0) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return  # fired already
-    print(f"[fault] {where}:{n} rank {rank}: exiting hard (pid {os.getpid()})", flush=True)
+    print(f"[fault] rank {rank} exits hard at {where}:{n} (pid {os.getpid()})", flush=True)
     os._exit(17)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.storage.commit import _is_local, fs_and_path
+from pipeline.storage.commit import _is_local, fs_and_path, remove
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,7 @@ class Lease:
                 log.warning("%s: lease heartbeat failed (%s)", self.folder, exc)
 
     def _remove(self, gen: int) -> None:
-        try:
-            self.fs.rm(_gen_path(self.path, gen))
-        except FileNotFoundError:
-            pass
+        remove(self.fs, _gen_path(self.path, gen))
 
     def release(self) -> None:
         self._stop.set()
