@@ -6,9 +6,10 @@ start, heartbeat). A second run is refused at once naming the holder; a lease wh
 pid is gone) or silent (no heartbeat for ``ttl_s``) is taken over by creating the *next* generation, so two runs
 racing for a stale lease cannot both win: exactly one exclusive create of generation n+1 succeeds.
 
-Exclusive create: locally ``O_CREAT|O_EXCL``; on S3 a conditional PUT (``If-None-Match: *``, s3fs ``mode="create"``),
-which moto's server and AWS refuse with 412 when the object exists. Tasks check a ``LeaseToken`` before they commit,
-so an orphaned task of a dead or superseded run commits nothing.
+Exclusive create: locally ``link(2)`` of a fully written temporary file (it fails if the name exists, and a reader
+never sees a half-written lease); on S3 a conditional PUT (``If-None-Match: *``, s3fs ``mode="create"``), which
+moto's server and AWS refuse with 412 when the object exists. Tasks check a ``LeaseToken`` before they commit, so an
+orphaned task of a dead or superseded run commits nothing.
 """
 
 from __future__ import annotations
@@ -95,14 +96,17 @@ def _create_exclusive(fs: Any, target: str, data: bytes) -> bool:
     """Create ``target`` with ``data`` only if it does not exist; False when it already did."""
     if _is_local(fs):
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
+        tmp = f"{target}.{uuid.uuid4().hex[:8]}.new"
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        try:  # link(2) is the exclusive create here: it fails if the name exists, and the file appears whole
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
         return True
     try:
         fs.pipe_file(target, data, mode="create")  # S3: If-None-Match: *; s3fs turns the 412 into FileExistsError
@@ -154,11 +158,13 @@ class Lease:
         if gens:
             top = gens[-1]
             doc = _read(self.fs, self.path, top)
-            if doc is not None and _holder_alive(doc, self.ttl_s):
+            if doc is None:  # listed but unreadable: another run is creating it this instant
+                raise LeaseHeldError(f"{self.folder}: another run is taking the lease right now; refusing to start")
+            if _holder_alive(doc, self.ttl_s):
                 raise LeaseHeldError(f"{self.folder} is being written by {describe(doc)}; refusing to start a "
                                      f"second {self.stage} into it. Wait for it to finish or stop it (a dead holder's "
                                      f"lease is taken over after {self.ttl_s:.0f} s without heartbeat)")
-            if doc is not None and not doc.get("released"):
+            if not doc.get("released"):
                 log.warning("%s: taking over the lease of %s (its holder is gone)", self.folder, describe(doc))
             gen = top + 1
         now = _now()
