@@ -1,14 +1,20 @@
 """The prior's training engine against a bare PyTorch loop, and the streaming loader against training consumption.
 
-    python benchmarks/bench_train.py [--layers 4] [--embd 256] [--grid 16] [--micro 8] [--steps 12] [--rounds 5]
+    python benchmarks/bench_train.py [--layers 4] [--embd 256] [--grid 16] [--micro 8] [--pairs 5] [--min-run-s 20]
+                                     [--stages 0,2,3] [--diffusion]
 
-1. Engine overhead: our training step (streaming loader → caption dropout → DeepSpeed engine as a one-rank run
-   builds it, i.e. ZeRO off; ZeRO-2 forced on is measured too) vs a bare PyTorch loop (in-memory tensors, torch AdamW
-   with the same hyper-parameters, gradient clipping, the same warm-up/cosine schedule) on the same model from the
-   same initial weights. Rounds alternate, so machine noise hits both; the per-step medians are compared. Goal ≤ 1.1×.
-2. Loader: samples/s of ``TokenLoader`` alone vs the samples/s the training step consumes. Goal: ≥ 20×.
+1. Engine overhead at each ZeRO stage a user would run: stage 0 on one rank (what a one-rank run builds), ZeRO-2
+   and ZeRO-3 on two ranks (gloo on the CPU). Ours: streaming loader → caption dropout → the DeepSpeed engine as
+   ``pipeline.runtime.ds_seam`` builds it. The peer: a bare PyTorch loop (in-memory tensors, torch AdamW with the
+   same hyper-parameters, gradient clipping, the same warm-up/cosine schedule; ``DistributedDataParallel`` on two
+   ranks) on the same model from the same initial weights. Runs alternate in A/B pairs, the order flipped each
+   pair, each run at least ``--min-run-s`` seconds (the step count is set from a calibration, the same on every
+   rank); the ratio is ours/bare seconds per step per pair, and each stage's figure is the median of its per-pair
+   ratios with min and max. The headline is the worst stage's median. Goal ≤ 1.1×.
+2. Loader: samples/s of ``TokenLoader`` alone vs the samples/s the training step consumes (ZeRO 0, one rank).
+   Goal: ≥ 20×.
 3. DeepSpeed's own ZeRO-3 estimator for the 12 B prior on 8 and 64 GPUs (per-GPU model-state memory).
-4. The diffusion prior (DALL-E 2) the same way: engine + loader + EMA vs a bare loop with the same EMA. Goal ≤ 1.1×.
+4. ``--diffusion``: the diffusion prior (DALL-E 2) the same way, one rank, in rounds (not part of the headline).
 5. On a GPU (only when one is present): the 1.3 B prior, seq 1,280, bf16, one device: tokens/s, MFU, peak memory;
    and a 1.3 B diffusion prior's samples/s and MFU.
 
@@ -18,9 +24,9 @@ Writes benchmarks/results/train.json and prints it as the last line.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -32,12 +38,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _results import write_result  # benchmarks/ is sys.path[0] when run as a script
+from _results import headline, machine_state, ratio_summary, write_result  # benchmarks/ on sys.path
 
 from pipeline.config import PRIOR_SIZES, PriorConfig  # noqa: E402
 from pipeline.prior import metrics as prior_metrics
 from pipeline.prior.diffusion import EMA, DiffusionPrior, DiffusionShape  # noqa: E402
-from pipeline.prior.loader import TokenLoader, make_plan  # noqa: E402
+from pipeline.prior.loader import DataPlan, TokenLoader, make_plan  # noqa: E402
 from pipeline.prior.objectives import ARObjective, DiffusionObjective  # noqa: E402
 from pipeline.prior.transformer import DalleTransformer, PriorShape  # noqa: E402
 from pipeline.runtime import ds_seam
@@ -69,8 +75,8 @@ def init_single_rank() -> None:
     ds_seam.init_distributed()
 
 
-def bare_loop(model: DalleTransformer, cfg: PriorConfig):
-    """The peer: what one writes by hand in PyTorch for the same training."""
+def bare_loop(model: torch.nn.Module, cfg: PriorConfig):
+    """The peer: what one writes by hand in PyTorch for the same training (``model``'s forward is the loss)."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
 
     def schedule(step: int) -> float:
@@ -82,7 +88,7 @@ def bare_loop(model: DalleTransformer, cfg: PriorConfig):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
     def step(text: torch.Tensor, image: torch.Tensor) -> float:
-        loss = model.loss(text, image, cfg.text_loss_weight)
+        loss = model(text, image)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clipping)
@@ -100,18 +106,58 @@ def timed_steps(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def overhead(shape: PriorShape, cfg: PriorConfig, plan, args, ds: dict) -> dict:
+class _LossOf(torch.nn.Module):
+    """The bare loop's model as a module whose forward is the loss (what DistributedDataParallel needs)."""
+
+    def __init__(self, model: DalleTransformer, text_loss_weight: float):
+        super().__init__()
+        self.model, self.w = model, text_loss_weight
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(text, image, self.w)
+
+
+def _agree(n: int) -> int:
+    """Rank 0's ``n`` on every rank (the step count of a timed run must be the same everywhere)."""
+    box = [n]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def _timed(fn, n: int) -> float:
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    return time.perf_counter() - t0
+
+
+def rank_main(rank: int, world: int, port: int, stage: int, opts: dict, plan_json: dict, out_path: str) -> None:
+    """One rank of one stage's measurement (spawned): our engine and the bare loop, alternated in pairs."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ds_seam.init_distributed()
+    shape, cfg = model_config(opts, stage, world)
+    plan = DataPlan.from_json(plan_json)
     torch.manual_seed(0)
-    ours_model = DalleTransformer(shape)
-    bare_model = DalleTransformer(shape)
+    ours_model, bare_model = DalleTransformer(shape), DalleTransformer(shape)
     bare_model.load_state_dict(ours_model.state_dict())
+    ds = ds_seam.build_ds_config(cfg, world, False)
     engine = ds_seam.initialize(ARObjective(ours_model, cfg.text_loss_weight, cfg.caption_dropout), ds)
-    loader = TokenLoader(plan, rank=0, world=1, micro_batch=cfg.micro_batch_size, text_len=shape.text_len, seed=0,
-                         shuffle_buffer=cfg.shuffle_buffer, expect_grid=shape.image_grid)
+    loader = TokenLoader(plan, rank=rank, world=world, micro_batch=cfg.micro_batch_size, text_len=shape.text_len,
+                         seed=0, shuffle_buffer=cfg.shuffle_buffer, expect_grid=shape.image_grid)
     batches = loader.batches(0)
     fixed = next(loader.batches(0))  # the bare loop trains on in-memory tensors: no loader cost at all
-    bare = bare_loop(bare_model, cfg)
-    gen = torch.Generator().manual_seed(0)
+    peer: torch.nn.Module = _LossOf(bare_model, cfg.text_loss_weight)
+    if world > 1:
+        peer = torch.nn.parallel.DistributedDataParallel(peer)
+    bare = bare_loop(peer, cfg)
+    gen = torch.Generator().manual_seed(rank)
 
     def ours() -> None:
         b = next(batches)
@@ -120,16 +166,52 @@ def overhead(shape: PriorShape, cfg: PriorConfig, plan, args, ds: dict) -> dict:
         engine.step()
         float(loss)  # the training loop reads the loss every step too
 
-    ours(), bare(fixed.text, fixed.image)  # warm-up: allocator, first-call costs
-    ours_s, bare_s = [], []
-    for _ in range(args.rounds):
-        ours_s.append(timed_steps(ours, args.steps))
-        bare_s.append(timed_steps(lambda: bare(fixed.text, fixed.image), args.steps))
+    def plain() -> None:
+        bare(fixed.text, fixed.image)
+
+    _timed(ours, 2), _timed(plain, 2)  # warm-up: allocator, first-call costs, DeepSpeed's first steps
+    calib = min(_timed(ours, 3), _timed(plain, 3)) / 3  # the faster side sets the count: both runs >= min_run_s
+    n = _agree(max(3, math.ceil(1.15 * opts["min_run_s"] / calib)))
+    pairs = []
+    for k in range(opts["pairs"]):
+        order = ["bare", "ours"] if k % 2 == 0 else ["ours", "bare"]
+        secs = {name: _timed(ours if name == "ours" else plain, n) for name in order}
+        pairs.append({"order": order, "steps": n, "ours_s": round(secs["ours"], 3), "bare_s": round(secs["bare"], 3),
+                      "ratio": round(secs["ours"] / secs["bare"], 4)})
+        if rank == 0:
+            print(f"[bench] ZeRO {stage}, {world} rank(s), pair {k}: ours {secs['ours']:.1f}s bare "
+                  f"{secs['bare']:.1f}s for {n} steps: {pairs[-1]['ratio']:.3f}x", flush=True)
     loader.close()
-    ours_med, bare_med = statistics.median(ours_s), statistics.median(bare_s)
-    return {"ours_step_s": ours_med, "bare_step_s": bare_med, "ratio": ours_med / bare_med,
-            "ours_rounds_s": ours_s, "bare_rounds_s": bare_s, "zero_stage": ds["zero_optimization"]["stage"],
-            "train_samples_per_s": cfg.micro_batch_size / ours_med}
+    if rank == 0:
+        ours_step = statistics.median(p["ours_s"] for p in pairs) / n
+        with open(out_path, "w") as f:
+            json.dump({"zero_stage": engine.zero_optimization_stage(), "ranks": world, "pairs": pairs,
+                       "ratio": ratio_summary([p["ratio"] for p in pairs]), "ours_step_s": ours_step,
+                       "bare_step_s": statistics.median(p["bare_s"] for p in pairs) / n,
+                       "train_samples_per_s": cfg.micro_batch_size * world / ours_step}, f)
+    torch.distributed.destroy_process_group()
+
+
+def model_config(opts: dict, stage: int = 0, world: int = 1) -> tuple[PriorShape, PriorConfig]:
+    shape = PriorShape(49408, opts["text_len"], 8192, opts["grid"], opts["layers"], max(1, opts["embd"] // 64),
+                       opts["embd"])
+    cfg = PriorConfig(n_layer=opts["layers"], n_head=shape.n_head, n_embd=opts["embd"], text_len=opts["text_len"],
+                      micro_batch_size=opts["micro"], steps=100_000, warmup_steps=10, zero_stage=stage,
+                      num_procs=world, caption_dropout=0.1)
+    return shape, cfg
+
+
+def stage_overhead(stage: int, world: int, opts: dict, plan: DataPlan, tmp: str) -> dict:
+    """``rank_main`` on ``world`` spawned ranks; rank 0's figures."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = os.path.join(tmp, f"stage{stage}_{world}.json")
+    mp.spawn(rank_main, args=(world, port, stage, opts, plan.to_json(), out), nprocs=world, join=True)
+    with open(out) as f:
+        return json.load(f)
 
 
 def diffusion_overhead(cfg: PriorConfig, plan, args, text_vocab: int) -> dict:
@@ -270,48 +352,63 @@ def gpu_run(steps: int = 20) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--grid", type=int, default=16)
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=12, help="steps per timed round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--min-run-s", type=float, default=20.0)
+    ap.add_argument("--stages", default="0,2,3", help="ZeRO stages: 0 runs on one rank, 2 and 3 on two")
+    ap.add_argument("--diffusion", action="store_true", help="also the diffusion prior's overhead (rounds, 1 rank)")
+    ap.add_argument("--steps", type=int, default=12, help="--diffusion: steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5, help="--diffusion: rounds")
     ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 pair of 3 s runs per stage")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    shape = PriorShape(49408, args.text_len, 8192, args.grid, args.layers, max(1, args.embd // 64), args.embd)
-    cfg = PriorConfig(n_layer=args.layers, n_head=shape.n_head, n_embd=args.embd, text_len=args.text_len,
-                      micro_batch_size=args.micro, steps=1000, warmup_steps=10, zero_stage=2, num_procs=1,
-                      caption_dropout=0.1)
-    init_single_rank()
+    if args.quick:
+        args.pairs, args.min_run_s = 1, 3.0
+    state = machine_state()
+    opts = {k: getattr(args, k) for k in ("layers", "embd", "grid", "text_len", "micro", "pairs", "min_run_s")}
+    shape, cfg = model_config(opts)
+    stages: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_tokens(tmp, args.rows, args.grid, 49408, 8192)
         plan = make_plan(tmp, cfg.loader_unit_rows)
-        ds = ds_seam.build_ds_config(cfg, 1, False)  # as a one-rank run gets it: ZeRO off (nothing to partition)
-        engine = overhead(shape, cfg, plan, args, ds)
-        forced = overhead(shape, cfg, plan, args, ds_seam.merge(ds, {"zero_optimization": {"stage": 2}}))
+        for stage in (int(x) for x in args.stages.split(",")):
+            world = 1 if stage == 0 else 2
+            stages[f"zero{stage}_{world}rank"] = stage_overhead(stage, world, opts, plan, tmp)
+        zero0 = stages.get("zero0_1rank")
         load = loader_rate(plan, shape, cfg, batches=400)
-        diffusion = diffusion_overhead(cfg, plan, args, 49408)
+        diffusion = None
+        if args.diffusion:
+            torch.set_num_threads(os.cpu_count() or 1)
+            init_single_rank()
+            diffusion = diffusion_overhead(cfg, plan, args, 49408)
+    worst = max(stages, key=lambda k: stages[k]["ratio"]["median"])
     result = {
-        "headline": {"name": "engine step time / bare PyTorch step time (CPU, same model and optimizer)",
-                     "value": round(engine["ratio"], 3), "goal": 1.1, "higher_is_better": False},
-        "loader": {"name": "loader samples/s / training samples/s", "value": round(load / engine[
-            "train_samples_per_s"], 1), "goal": 20, "higher_is_better": True, "loader_samples_per_s": load},
-        "engine": engine,
-        "engine_zero2_forced_on_one_rank": forced,
-        "diffusion": {"name": "diffusion prior: engine step time / bare PyTorch step time (CPU, same model, optimizer "
-                      "and EMA)", "value": round(diffusion["ratio"], 3), "goal": 1.1, "higher_is_better": False,
-                      **diffusion},
+        "headline": headline("prior_engine_step_time_over_bare_pytorch_worst_zero_stage", stages[worst]["ratio"],
+                             1.1, higher_is_better=False, stage=worst,
+                             per_stage={k: v["ratio"] for k, v in stages.items()},
+                             basis="median over alternated pairs of ours/bare seconds per step (CPU, same model and "
+                                   "optimizer), the worst of ZeRO 0 on one rank and ZeRO 2 and 3 on two ranks"),
+        "previous_headline": {"value": 1.00, "basis": "ZeRO off on one rank only, rounds always in the same order"},
+        "stages": stages,
+        "loader": {"name": "loader samples/s / training samples/s (ZeRO 0, one rank)",
+                   "value": round(load / zero0["train_samples_per_s"], 1) if zero0 else None, "goal": 20,
+                   "higher_is_better": True, "loader_samples_per_s": load},
+        "diffusion": ({"name": "diffusion prior: engine step time / bare PyTorch step time (CPU, same model, "
+                       "optimizer and EMA)", "value": round(diffusion["ratio"], 3), "goal": 1.1,
+                       "higher_is_better": False, **diffusion} if diffusion else "not run (--diffusion)"),
         "model": {"n_layer": args.layers, "n_embd": args.embd, "seq_len": shape.seq_len, "micro_batch": args.micro,
                   "params": sum(p.numel() for p in DalleTransformer(shape).parameters())},
+        "pairs": args.pairs, "min_run_s": args.min_run_s, "quick": args.quick,
         "zero3_12b_estimate": zero3_estimates(),
         "gpu_1_3b": gpu_run() if torch.cuda.is_available() else None,
         "gpu_diffusion_1_3b": gpu_diffusion_run() if torch.cuda.is_available() else None,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "threads": torch.get_num_threads()},
+        "machine": {**state, "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
     }
     write_result("train", result)
 

@@ -19,7 +19,7 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 JPEG_RATIO = 0.1            # assumed: JPEG bytes / raw RGB bytes
 META_BYTES = 256            # assumed: per-sample metadata (key, url, caption, sha256, size) next to each image
 EMBED_DIM = 768             # CLIP ViT-L/14 embedding width stored in token shards
-TEXT_VOCAB, IMAGE_VOCAB, IMAGE_GRID = 16384, 8192, 32   # DALL-E's vocabularies and 32×32 image grid
+CLUSTER_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "config.yaml"
 BYTES_PER_PARAM_CKPT = 16   # fp32 weights (4) + Adam m (4) + Adam v (4) + fp32 master copy (4)
 ACT_BYTES_NO_CKPT = 34      # per token per d_model per layer, Megatron's estimate (bf16, no attention-score term)
 ACT_BYTES_CKPT = 2          # per token per d_model per layer: the bf16 input kept at each checkpointed layer
@@ -39,24 +39,42 @@ def _fig(value: Any, basis: str, note: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- model
 
+def text_vocab(cfg) -> int:
+    """The BPE vocabulary tokenize writes and train-prior embeds: the open_clip tokenizer of the run's CLIP (a named
+    model's, else the one the project's own CLIP uses: open_clip's SimpleTokenizer, 49,408 ids)."""
+    import open_clip
+
+    name = cfg.clip.model if cfg.clip.model and not cfg.clip.model.startswith("local-dir:") else "ViT-B-32"
+    tok = open_clip.get_tokenizer(name)
+    return int(getattr(tok, "vocab_size", None) or len(tok.encoder))
+
+
+def token_meta(cfg) -> dict[str, Any]:
+    """What the token shards' metadata would say for this config (the figures train-prior builds its model from):
+    the tokenizer's vocabulary, the dVAE's codebook (OpenAI's 8192 when dvae.weights is openai) and its grid."""
+    d = cfg.dvae
+    openai = d.weights == "openai"
+    down = 8 if openai else 2 ** (d.group_count - 1)
+    return {"tokenizer": {"vocab_size": text_vocab(cfg)}, "dvae": {"vocab_size": 8192 if openai else d.vocab_size},
+            "grid": cfg.download.image_size // down, "embed_dim": EMBED_DIM}
+
+
 def prior_shape(cfg):
-    """The shape train-prior would build for this config, through its own builder, with DALL-E's vocabularies and
-    grid standing in for the token shards' metadata."""
+    """The shape train-prior would build for this config, through its own builder and ``token_meta``."""
     from pipeline.prior.objectives import prior_shape as build
 
-    meta = {"tokenizer": {"vocab_size": TEXT_VOCAB}, "dvae": {"vocab_size": IMAGE_VOCAB}, "grid": IMAGE_GRID,
-            "embed_dim": EMBED_DIM}
-    return build(cfg, meta)
+    return build(cfg, token_meta(cfg))
 
 
 def prior_params(cfg) -> tuple[int, int]:
-    """(total parameters, largest layer's own parameters) of the DALL-E prior, built on the meta device."""
+    """(total parameters, largest layer's own parameters) of the model train-prior builds for ``cfg`` (its own
+    ``build_objective``, either kind), on the meta device."""
     import torch
 
-    from pipeline.prior.transformer import DalleTransformer
+    from pipeline.prior.objectives import build_objective
 
     with torch.device("meta"):
-        model = DalleTransformer(prior_shape(cfg))
+        model = build_objective(cfg, prior_shape(cfg))
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
@@ -100,7 +118,8 @@ def activation_bytes(seq: int, d: int, layers: int, micro_batch: int, checkpoint
 
 # ---------------------------------------------------------------- storage
 
-def token_bytes_per_row(grid: int, text_len: int, embed_dim: int = EMBED_DIM, rows: int = 64) -> float:
+def token_bytes_per_row(grid: int, text_len: int, embed_dim: int = EMBED_DIM, rows: int = 64, vocab: int = 49408,
+                        image_vocab: int = 8192) -> float:
     """zstd Parquet bytes per row, measured by writing a ``rows``-row table in the real token schema (random tokens
     and embeddings: close to an upper bound, as real tokens compress a little better)."""
     from pipeline.storage import schema
@@ -112,8 +131,8 @@ def token_bytes_per_row(grid: int, text_len: int, embed_dim: int = EMBED_DIM, ro
         "caption": [f"a photo of a {w} on a table" for w in rng.choice(["cat", "dog", "red car", "bowl"], rows)],
         "sha256": [f"{rng.integers(1 << 62):016x}" * 4 for _ in range(rows)],
         "width": [256] * rows, "height": [256] * rows,
-        "text_tokens": [rng.integers(0, TEXT_VOCAB, text_len).tolist() for _ in range(rows)],
-        "image_tokens": rng.integers(0, IMAGE_VOCAB, (rows, grid * grid)),
+        "text_tokens": [rng.integers(0, vocab, text_len).tolist() for _ in range(rows)],
+        "image_tokens": rng.integers(0, image_vocab, (rows, grid * grid)),
         "clip_image_emb": rng.standard_normal((rows, embed_dim)).astype(np.float16),
         "clip_text_emb": rng.standard_normal((rows, embed_dim)).astype(np.float16),
         "clip_similarity": rng.random(rows).astype(np.float32),
@@ -152,6 +171,23 @@ def _find(d: Any, keys: tuple[str, ...]) -> float | None:
     return None
 
 
+def _download_rate(dl: dict[str, Any]) -> tuple[float, str] | None:
+    """Our whole-command images/s as the download benchmark measured it: the median over its pairs, the slower of
+    its protocols (``cases.web.<scheme>.pairs[].ours.wall_images_per_s``); or a flat measured figure of an older
+    result file. Never its ``cpu_limit_images_per_s``: that is computed from per-image CPU work."""
+    web = (dl.get("cases") or {}).get("web") or {}
+    found = []
+    for scheme in ("http", "https"):
+        vals = [p["ours"]["wall_images_per_s"] for p in (web.get(scheme) or {}).get("pairs") or []
+                if isinstance(p.get("ours"), dict) and p["ours"].get("wall_images_per_s")]
+        if vals:
+            found.append((float(np.median(vals)), f"whole command, median of {len(vals)} runs, web case {scheme}"))
+    if found:
+        return min(found)
+    flat = _find({k: v for k, v in dl.items() if k != "cases"}, ("ours_images_per_s", "images_per_s"))
+    return (flat, "measured") if flat else None
+
+
 def resolve_rates(rates: dict | None = None, results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
     """Throughput figures with their basis: given (``rates``), measured (benchmark JSON) or assumed defaults."""
     rates = dict(rates or {})
@@ -160,13 +196,18 @@ def resolve_rates(rates: dict | None = None, results_dir: Path = RESULTS_DIR) ->
 
     dl = _load("download", results_dir)
     if dl:
-        per_s = _find(dl, ("cpu_limit_images_per_s", "ours_images_per_s", "images_per_s", "samples_per_s"))
+        measured = _download_rate(dl)
         m = dl.get("machine") or {}
         bench_cores = m.get("cpu_limit_cores") or m.get("cpu_count")
-        if per_s and bench_cores:
+        if measured and bench_cores:
+            per_s, how = measured
             out["download_images_per_s_per_node"] = _fig(
                 per_s / bench_cores * cores, "measured",
-                f"{per_s:.0f} images/s on {_machine(dl)}, scaled per core to {cores} cores")
+                f"{per_s:.0f} images/s ({how}) on {_machine(dl)}, scaled per core to {cores} cores")
+        ceiling = _find(dl, ("cpu_limit_images_per_s",))
+        if ceiling and not measured:  # a ceiling computed from per-image CPU work is no measured rate
+            out["download_images_per_s_per_node"]["note"] = (
+                f"the benchmark's CPU ceiling of {ceiling:.0f} images/s is computed, not measured: not used")
 
     tok = _load("tokenize", results_dir)
     if tok:
@@ -201,22 +242,23 @@ def plan(cfg, samples: int, gpus: int, gpu_mem_gb: float = 80.0, gpus_per_node: 
     nodes = max(1, math.ceil(gpus / gpus_per_node))
     p = cfg.prior
     size = cfg.download.image_size
-    grid = size // 8
+    meta = token_meta(cfg)
+    grid, vocab = int(meta["grid"]), int(meta["tokenizer"]["vocab_size"])
 
     # storage
     img_bytes = size * size * 3 * JPEG_RATIO + META_BYTES
-    tok_row = token_bytes_per_row(grid, p.text_len)
+    tok_row = token_bytes_per_row(grid, p.text_len, vocab=vocab, image_vocab=int(meta["dvae"]["vocab_size"]))
     total, largest = prior_params(cfg)
 
     # memory
     z3 = zero3_on(total, largest, gpus, gpus_per_node)
-    seq = p.text_len + IMAGE_GRID * IMAGE_GRID
+    seq = p.text_len + grid * grid
     act = activation_bytes(seq, p.n_embd, p.n_layer, p.micro_batch_size, p.activation_checkpointing)
     need = z3 + act
 
     # time
     epochs = rv["epochs"]
-    tokens = samples * epochs * (p.text_len + IMAGE_GRID * IMAGE_GRID)
+    tokens = samples * epochs * seq
     flops = 6 * total * tokens
     dl_h = samples / (rv["download_images_per_s_per_node"] * nodes) / 3600
     tok_h = samples / (rv["tokenize_images_per_s_per_gpu"] * gpus) / 3600
@@ -254,7 +296,8 @@ def plan(cfg, samples: int, gpus: int, gpu_mem_gb: float = 80.0, gpus_per_node: 
     return {
         "samples": samples, "gpus": gpus, "nodes": nodes, "gpus_per_node": gpus_per_node, "gpu_mem_gb": gpu_mem_gb,
         "image_size": size, "grid": grid, "text_len": p.text_len,
-        "model": {"n_layer": p.n_layer, "n_head": p.n_head, "n_embd": p.n_embd,
+        "model": {"n_layer": p.n_layer, "n_head": p.n_head, "n_embd": p.n_embd, "text_vocab": vocab,
+                  "image_vocab": int(meta["dvae"]["vocab_size"]),
                   "params": _fig(total, "measured", "DalleTransformer on the meta device"),
                   "largest_layer_params": _fig(largest, "measured", "max params owned directly by one module")},
         "token_bytes_per_row": _fig(tok_row, "measured", "real schema, 64 rows, zstd"),
@@ -273,7 +316,39 @@ def plan(cfg, samples: int, gpus: int, gpu_mem_gb: float = 80.0, gpus_per_node: 
         },
         "stages": stages,
         "rates": r,
+        "cluster": cluster_launches(cfg, gpus),
     }
+
+
+def cluster_launches(cfg, gpus: int) -> dict[str, Any]:
+    """Per stage: what each worker asks for (its config keys), how many workers, and the node types and counts the
+    autoscaler would launch for them on the cluster YAML (``cluster_config``, default cluster/config.yaml)."""
+    from pipeline.runtime import demand
+    from pipeline.storage.urls import read_bytes
+
+    path = cfg.cluster_config or str(CLUSTER_CONFIG)
+    types = demand.node_types_from_yaml(path, read_bytes(path).decode())
+    d, t = cfg.download, cfg.tokenize
+
+    def trainer(section) -> int:  # one worker per GPU of the plan when the section asks for GPUs
+        return max(1, int(gpus // section.gpus_per_worker)) if section.gpus_per_worker else section.num_procs
+
+    asks = {"download": ({"CPU": d.task_cpus, **d.resources}, d.max_in_flight),
+            "tokenize (decode)": ({"CPU": t.decode_cpus, **t.decode_resources}, 1),
+            "tokenize (encoders)": (t.request(), t.num_encoders),
+            "train-dvae": (cfg.dvae.request(), cfg.dvae.num_procs),
+            "train-prior": (cfg.prior.request(), trainer(cfg.prior)),
+            "train-decoder": (cfg.decoder.request(), trainer(cfg.decoder)),
+            "sample": (cfg.sample.request(), cfg.sample.num_workers)}
+    out: dict[str, Any] = {"cluster_config": path, "stages": {}}
+    for stage, (request, count) in asks.items():
+        try:
+            demand.check(stage, request, count, types, path)
+            nodes: Any = demand.launch_plan(request, count, types)
+        except Exception as exc:  # noqa: BLE001 - a plan that cannot be met is part of the answer
+            nodes = f"cannot be met: {exc}"
+        out["stages"][stage] = {"per_worker": request, "workers": count, "launches": nodes}
+    return out
 
 
 def worked_example(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
@@ -281,7 +356,8 @@ def worked_example(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     from pipeline.config import load_config
 
     cfg = load_config(None, ["prior.size=12b", "prior.text_len=256", "download.image_size=256",
-                             "prior.micro_batch_size=1", "prior.activation_checkpointing=true"])
+                             "prior.micro_batch_size=1", "prior.activation_checkpointing=true",
+                             "dvae.vocab_size=8192", "dvae.group_count=4"])
     p = plan(cfg, samples=int(250e6), gpus=1024, gpu_mem_gb=80.0, gpus_per_node=8, results_dir=results_dir)
     p["example"] = _fig("DALL-E 12b, 250M pairs, 1024 GPUs × 80 GB", "assumed", "paper scale")
     return p
@@ -304,8 +380,9 @@ def format_plan(p: dict[str, Any]) -> str:
         lines.append(f"Worked example: {p['example']['value']} ({p['example']['basis']}: {p['example']['note']})")
     lines.append(f"{p['samples']:,} samples, {p['gpus']} GPUs ({p['nodes']} nodes × {p['gpus_per_node']}, "
                  f"{p['gpu_mem_gb']:g} GB), image {p['image_size']} px → grid {p['grid']}, text {p['text_len']}")
-    lines.append(f"prior: {m['n_layer']} layers × {m['n_embd']} ({m['n_head']} heads) = "
-                 f"{m['params']['value'] / 1e9:.2f} B params [{m['params']['basis']}]")
+    lines.append(f"prior: {m['n_layer']} layers × {m['n_embd']} ({m['n_head']} heads), text vocab "
+                 f"{m['text_vocab']:,}, image vocab {m['image_vocab']:,} = {m['params']['value'] / 1e9:.2f} B params "
+                 f"[{m['params']['basis']}]")
     lines.append("")
     lines.append(f"{'stage':<9} {'storage':>10} {'basis':<9} {'hours':>9} {'basis':<9} {'GPUs':>5}  note")
     for name, s in p["stages"].items():
@@ -321,6 +398,14 @@ def format_plan(p: dict[str, Any]) -> str:
     fewest = mem["gpus_needed"]["value"]
     lines.append(f"GPUs needed to fit:          {fewest if fewest else 'none: activations alone exceed a GPU'} "
                  f"[{mem['gpus_needed']['note']}]")
+    cl = p.get("cluster")
+    if cl:
+        lines.append(f"what the autoscaler would launch on {cl['cluster_config']}:")
+        for stage, s in cl["stages"].items():
+            ask = ", ".join(f"{k} {v:g}" for k, v in s["per_worker"].items())
+            nodes = s["launches"] if isinstance(s["launches"], str) else ", ".join(
+                f"{n} × {t}" for t, n in s["launches"].items()) or "nothing"
+            lines.append(f"  {stage:<20} {s['workers']:>5} workers of {{{ask}}} → {nodes}")
     lines.append("rates:")
     for k, v in p["rates"].items():
         lines.append(f"  {k} = {v['value']:g} [{v['basis']}]" + (f" ({v['note']})" if v["note"] else ""))

@@ -78,3 +78,8 @@ def find_rank_error(lines: list[str]) -> RankError | None:
             code, _, message = line[at + len(RANK_ERROR_TAG):].strip().partition(" ")
             return RankError(message, int(code) if code.isdigit() else 2)
     return None
+
+
+class FilterError(InputError):
+    """A run's data filter cannot be used (syntax, an unknown column, a type mismatch, or it keeps no row); the
+    message names the config key, the column or the shard, and shows where."""

@@ -20,7 +20,7 @@ def ray_cluster():
     """A real local Ray cluster with 2 CPUs, shared by the tests that need one and shut down at the end."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

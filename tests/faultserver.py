@@ -5,14 +5,22 @@ opt-out headers, corrupt images and decompression bombs. This server reproduces 
 on 127.0.0.1 so tests can check the downloader's handling without the network. It counts accepted TCP
 connections and request paths so tests can assert on retries and on connections that must never happen.
 ``CanaryServer`` is a bare TCP listener that only counts connections (to prove a blocked redirect never connects).
+
+``FaultServer(tls=...)`` serves the same faults over TLS with a certificate from ``make_tls`` (a CA made for the
+test, and server certificates signed by it — or by a second CA nobody trusts, or expired, or for other names); it
+records the SNI name each TLS connection asked for (``sni``) and the host name each request carried (``hosts``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
+import ipaddress
+import os
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -133,7 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         parts = urlsplit(self.path)
         path = parts.path
-        n = srv._record(path)
+        n = srv._record(path, self.headers.get("Host", ""))
         if path in srv.blobs:
             body, ctype, extra = srv.blobs[path]
             self._send(200, body, ctype, **extra)
@@ -189,11 +197,18 @@ class FaultServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: dict[str, str] | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.host: str = host
         self.port: int = self.server_address[1]
-        self.base: str = f"http://{host}:{self.port}"
+        self.base: str = f"{'https' if tls else 'http'}://{host}:{self.port}"
+        self.sni: list[str | None] = []
+        self.hosts: list[str] = []
+        self._tls: ssl.SSLContext | None = None
+        if tls:
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(tls["cert"], tls["key"])
+            self._tls.sni_callback = lambda sock, name, ctx: self._note_sni(name)
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -224,6 +239,39 @@ class FaultServer(ThreadingHTTPServer):
             "/bomb.png": (make_bomb_png(), "image/png", {}),
         }
 
+    def _note_sni(self, name: str | None) -> None:
+        with self._lock:
+            self.sni.append(name)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Over TLS the handshake runs here, in the connection's own thread (a slow client holds no one else up)."""
+        if self._tls is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            request.settimeout(10)
+            tls_sock = self._tls.wrap_socket(request, server_side=True)  # takes over the file descriptor
+        except (ssl.SSLError, OSError):
+            return  # the client refused our certificate, or hung up: nothing to serve
+        with self._lock:
+            self._open.discard(request)
+            self._open.add(tls_sock)
+        try:
+            super().finish_request(tls_sock, client_address)
+        finally:
+            with self._lock:
+                self._open.discard(tls_sock)
+            with contextlib.suppress(OSError):
+                tls_sock.close()
+
+    def drop_connections(self) -> None:
+        """Close every connection the server holds open (what a server does to keep-alive connections left idle)."""
+        with self._lock:
+            open_socks = list(self._open)
+        for s in open_socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Called at accept time, before the handler thread starts: count and track the socket."""
         with self._lock:
@@ -239,8 +287,9 @@ class FaultServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hanging up mid-response is the point here; keep test output clean
 
-    def _record(self, path: str) -> int:
+    def _record(self, path: str, host: str = "") -> int:
         with self._lock:
+            self.hosts.append(host)
             self.hits[path] += 1
             self.times[path].append(time.monotonic())
             return self.hits[path]
@@ -257,9 +306,13 @@ class FaultServer(ThreadingHTTPServer):
             self._connections = 0
             self.hits.clear()
             self.times.clear()
+            self.sni.clear()
+            self.hosts.clear()
 
-    def url(self, path: str) -> str:
-        return self.base + (path if path.startswith("/") else "/" + path)
+    def url(self, path: str, host: str | None = None) -> str:
+        """The URL of ``path``; ``host`` puts a name in place of the address (tests resolve it themselves)."""
+        base = self.base if host is None else f"{self.base.split(':')[0]}://{host}:{self.port}"
+        return base + (path if path.startswith("/") else "/" + path)
 
     def __enter__(self) -> FaultServer:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
@@ -332,3 +385,71 @@ class CanaryServer:
         self._stop.set()
         self._thread.join(timeout=5)
         self._sock.close()
+
+
+def make_tls(folder: str, names: tuple[str, ...] = ("localhost", "a.test", "b.test"),
+             ips: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")) -> dict[str, dict[str, str]]:
+    """Certificates for TLS tests, written into ``folder``. Returns {kind: {"ca", "cert", "key"} paths}:
+
+    - ``good``: signed by the test CA, for ``names`` and ``ips``, valid now;
+    - ``untrusted``: the same names, signed by a second CA that no bundle holds;
+    - ``expired``: the test CA's, expired yesterday;
+    - ``wrong_name``: the test CA's, for ``other.test`` only.
+
+    Every kind's ``ca`` is the *test* CA's bundle (what a client is told to trust)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+
+    def ca(cn: str) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - day).not_valid_after(now + day)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    def leaf(issuer: tuple[Any, Any], dns: tuple[str, ...], addrs: tuple[str, ...], start: datetime.datetime,
+             end: datetime.datetime) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans = [x509.DNSName(n) for n in dns] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addrs]
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
+                .issuer_name(issuer[1].subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[0].public_key()), False)
+                .sign(issuer[0], hashes.SHA256()))
+        return key, cert
+
+    def pem(obj: Any) -> bytes:
+        if hasattr(obj, "private_bytes"):
+            return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        return obj.public_bytes(serialization.Encoding.PEM)
+
+    os.makedirs(folder, exist_ok=True)
+    test_ca, other_ca = ca("faultserver test CA"), ca("nobody's CA")
+    ca_path = os.path.join(folder, "ca.pem")
+    with open(ca_path, "wb") as f:
+        f.write(pem(test_ca[1]))
+    kinds = {"good": leaf(test_ca, names, ips, now - day, now + day),
+             "untrusted": leaf(other_ca, names, ips, now - day, now + day),
+             "expired": leaf(test_ca, names, ips, now - 3 * day, now - day),
+             "wrong_name": leaf(test_ca, ("other.test",), (), now - day, now + day)}
+    out = {}
+    for kind, (key, cert) in kinds.items():
+        paths = {"ca": ca_path, "cert": os.path.join(folder, f"{kind}.pem"), "key": os.path.join(folder, f"{kind}.key")}
+        with open(paths["cert"], "wb") as f:
+            f.write(pem(cert))
+        with open(paths["key"], "wb") as f:
+            f.write(pem(key))
+        out[kind] = paths
+    return out

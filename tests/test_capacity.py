@@ -71,7 +71,9 @@ def test_format_mentions_basis(small_plan):
 
 def test_worked_example(example):
     assert example["samples"] == 250_000_000 and example["gpus"] == 1024 and example["gpu_mem_gb"] == 80.0
-    assert example["model"]["params"]["value"] == pytest.approx(12.2e9, rel=0.01)
+    # 12.2 B with DALL-E's 16,384 text ids; the 49,408 CLIP BPE ids train-prior embeds add 0.13 B
+    assert example["model"]["params"]["value"] == pytest.approx(12.36e9, rel=0.005)
+    assert example["model"]["text_vocab"] == 49408
     assert example["example"]["basis"] == "assumed"
     for stage in ("download", "tokenize", "train"):
         for key in ("storage_bytes", "hours", "gpus"):
@@ -102,3 +104,20 @@ def test_gpus_needed_is_the_fewest_that_fit(example):
     assert small > 8 and small % 8 == 0 and need(small) <= 16e9 < need(small - 8)  # whole nodes
     assert planmod.gpus_needed(total, largest, int(100e9), 80.0, 8) is None  # activations alone exceed a GPU
     assert "GPUs needed to fit:" in planmod.format_plan(example)
+
+
+def test_a_computed_download_ceiling_is_never_called_measured(tmp_path):
+    """The download benchmark's cpu_limit_images_per_s is computed from per-image CPU work; the planner may call a
+    rate measured only when it comes from timed runs (ours' whole-command images/s over the benchmark's pairs)."""
+    import json
+
+    machine = {"cpu_limit_cores": 2, "cpu": "test cpu"}
+    (tmp_path / "download.json").write_text(json.dumps({"machine": machine, "cases": {"web": {
+        "cpu_limit_images_per_s": 244.0, "http": {"pairs": []}}}}))
+    rate = planmod.resolve_rates({"cores_per_node": 4}, tmp_path)["download_images_per_s_per_node"]
+    assert rate["basis"] == "assumed" and "computed, not measured" in rate["note"]
+    pairs = [{"ours": {"wall_images_per_s": v}} for v in (200.0, 230.0, 210.0)]
+    (tmp_path / "download.json").write_text(json.dumps({"machine": machine, "cases": {"web": {
+        "cpu_limit_images_per_s": 244.0, "http": {"pairs": pairs}, "https": {"pairs": pairs[:1]}}}}))
+    rate = planmod.resolve_rates({"cores_per_node": 4}, tmp_path)["download_images_per_s_per_node"]
+    assert rate["basis"] == "measured" and rate["value"] == pytest.approx(200.0 / 2 * 4)  # https: the slower

@@ -171,7 +171,7 @@ def test_kills_anywhere_then_reruns_equal_a_clean_run(tmp_path):
                  "why": f"after {k[2]} token shards committed"},
                 {"fault": f"token-commit:{token_shard}", "fired": lambda: not (tokens / f"{token_shard:05d}.done.json"
                                                                               ).exists(),
-                 "where": "the driver, after a token shard's Parquet, before its marker"},
+                 "where": "the encoder actor writing it, after a token shard's Parquet, before its marker"},
                 {"worker": "Encoder"}],
             "train-prior": [
                 {"fault": f"save:8:{save_rank}", "fired": lambda: not _checkpoint_at_least(prior, 8),

@@ -1,5 +1,6 @@
 """The floor plan holds: no import cycle (function-level imports included), each engine behind its one seam, few
-modules at the package's top, and every third-party module the package imports declared as a runtime dependency."""
+modules at the package's top, every third-party module the package imports declared as a runtime dependency, and test
+files named uniquely."""
 
 from __future__ import annotations
 
@@ -120,3 +121,17 @@ def test_every_third_party_import_is_a_declared_runtime_dependency():
             if top not in stdlib and top != "pipeline" and top not in declared and top != "__future__":
                 missing.setdefault(top, name)
     assert not missing, f"imported but not declared in [project] dependencies: {missing}"
+
+
+def test_test_files_have_unique_names():
+    # tests/ has no __init__.py files, so pytest imports each test module by its basename: two files with one
+    # name in different folders stop the whole collection ("import file mismatch") on a clean checkout.
+    seen: dict[str, str] = {}
+    clashes = []
+    for root, _, files in sorted(os.walk(os.path.join(REPO, "tests"))):
+        for name in sorted(f for f in files if f.startswith("test_") and f.endswith(".py")):
+            rel = os.path.relpath(os.path.join(root, name), REPO)
+            if name in seen:
+                clashes.append(f"{seen[name]} and {rel}")
+            seen.setdefault(name, rel)
+    assert not clashes, f"test files share a name: {clashes}"

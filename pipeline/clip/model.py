@@ -39,7 +39,10 @@ def clip_arch(cfg: Any) -> str:
     """The open_clip name of the run's CLIP: ``clip.model``, else the small one train-clip saves (``local-dir:``)."""
     import os
 
-    return cfg.clip.model or f"local-dir:{os.path.abspath(cfg.path('clip'))}"
+    from pipeline.storage.urls import is_local
+
+    folder = cfg.path("clip")
+    return cfg.clip.model or f"local-dir:{os.path.abspath(folder) if is_local(folder) else folder}"
 
 
 def model_config(cfg: ClipConfig, image_size: int) -> dict[str, Any]:
@@ -53,10 +56,19 @@ def model_config(cfg: ClipConfig, image_size: int) -> dict[str, Any]:
 
 
 def load_clip(arch: str, pretrained: str = "") -> ClipBundle:
-    """``arch`` is an open_clip name (``ViT-B-32``) or ``local-dir:<folder>``; ``pretrained`` a tag or file."""
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+    """``arch`` is an open_clip name (``ViT-B-32``) or ``local-dir:<folder>``; ``pretrained`` a tag or file. The
+    folder or file may be a URL (the run's storage): open_clip reads only local files, so it is staged through the
+    node cache (``pipeline.storage.urls.local_copy``); ``arch`` and ``pretrained`` keep naming the URL."""
+    from pipeline.storage.urls import is_local, local_copy
+
+    local_arch, local_pretrained = arch, pretrained
+    if arch.startswith("local-dir:") and not is_local(arch.removeprefix("local-dir:")):
+        local_arch = "local-dir:" + local_copy(arch.removeprefix("local-dir:"))
+    if pretrained and "://" in pretrained and not is_local(pretrained):
+        local_pretrained = local_copy(pretrained)
+    model, _, preprocess = open_clip.create_model_and_transforms(local_arch, pretrained=local_pretrained or None)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
+    tokenizer = open_clip.get_tokenizer(local_arch)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     mean = torch.tensor(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from pipeline.clip.model import ClipBundle, clip_arch, encode_images, encode_texts, load_clip, model_config
 from pipeline.config import ClipConfig, Config
 from pipeline.storage.commit import write_text
+from pipeline.storage.urls import Workspace, join
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def run_train_clip(cfg: Config, images: np.ndarray | None = None,
         images, _, captions = load_image_array(cfg.path("images"), cfg.download.image_size)
     result = train_clip(cfg.clip, images, captions, cfg.path("clip"), cfg.seed)
     losses = result.pop("losses")
-    write_text(str(Path(cfg.path("clip"), "metrics.json")), json.dumps({"losses": losses}))
+    write_text(join(cfg.path("clip"), "metrics.json"), json.dumps({"losses": losses}))
     bundle = load_clip(clip_arch(cfg))
     uniq: dict[str, int] = {}
     for i, c in enumerate(captions):
@@ -78,12 +79,13 @@ def train_clip(cfg: ClipConfig, images: np.ndarray, captions: list[str], out_dir
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("clip step %d/%d loss %.4f (%.1f steps/s)", step + 1, cfg.steps, losses[-1],
                      (step + 1) / (time.time() - t0))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(out_dir)  # open_clip's folder layout, written locally then put in the run's storage
+    out = Path(ws.local)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     preprocess = {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest"}
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": mcfg, "preprocess_cfg": preprocess}, indent=1))
+    ws.push("open_clip_model.safetensors", "open_clip_config.json")
     return {"steps": cfg.steps, "final_loss": float(np.mean(losses[-20:])), "losses": losses,
             "seconds": time.time() - t0}
 

@@ -3,6 +3,7 @@ validated before any work (an unknown key, a wrong type or an out-of-range value
 dotted key)."""
 
 from pipeline.config.checks import ConfigError
+from pipeline.config.decoder import DECODER_SIZES, DecoderConfig
 from pipeline.config.prior import ATTENTION_KINDS, PRIOR_SIZES, PriorConfig
 from pipeline.config.root import (
     Config,
@@ -22,6 +23,7 @@ from pipeline.config.sections import (
     TokenizeConfig,
 )
 
-__all__ = ["ATTENTION_KINDS", "PRIOR_SIZES", "ClipConfig", "Config", "ConfigError", "DataConfig", "DownloadConfig",
+__all__ = ["ATTENTION_KINDS", "DECODER_SIZES", "PRIOR_SIZES", "ClipConfig", "Config", "ConfigError", "DataConfig",
+           "DecoderConfig", "DownloadConfig",
            "DVAEConfig", "PriorConfig", "SampleConfig", "TokenizeConfig", "absolute_paths", "apply_overrides",
            "diffusion_config", "load_config", "parse_override", "to_dict"]

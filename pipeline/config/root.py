@@ -18,6 +18,8 @@ import yaml
 
 from pipeline.config.checks import ConfigError
 from pipeline.config.checks import check as _check
+from pipeline.config.curate import CurateConfig
+from pipeline.config.decoder import DecoderConfig
 from pipeline.config.prior import PriorConfig
 from pipeline.config.sections import (
     ClipConfig,
@@ -33,11 +35,17 @@ from pipeline.storage.commit import join
 @dataclass
 class Config:
     run_dir: str = "runs/demo"
+    """Folder (local path or s3:// URL) every stage's output goes under unless its own output key is set."""
     seed: int = 0
+    """Seed of every random choice the run makes (initialisation, shuffles, sampling) unless a section has its own."""
     ray_address: str = ""
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     num_cpus: int = 2
     """CPUs for a local Ray cluster."""
+    cluster_config: str = ""
+    """The autoscaler's cluster YAML (node types and their resources) that each stage's hardware request is checked
+    against before any work; empty: the head's ~/ray_bootstrap_config.yaml (written by `ray up`) if present, else
+    the nodes that are up (a cluster without an autoscaler cannot grow)."""
     data: DataConfig = field(default_factory=DataConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
@@ -47,7 +55,11 @@ class Config:
     diffusion: PriorConfig = field(default_factory=lambda: PriorConfig(kind="diffusion"))
     """The demo's second prior (DALL-E 2's), trained after the autoregressive one into <run_dir>/prior_diffusion.
     Outside the demo, train one with `train-prior prior.kind=diffusion`."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """DALL-E 2's decoder (CLIP image embedding → pixels), trained into <run_dir>/decoder."""
     sample: SampleConfig = field(default_factory=SampleConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    """Near-duplicates (`dedup`, a side table in <tokens>/_dedup) and published embeddings in (`import-embeddings`)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir", "must not be empty")
@@ -57,7 +69,7 @@ class Config:
         """The output location of a stage: its ``output`` key if set, else ``<run_dir>/<default name>``."""
         explicit = {"images": self.download.output, "dvae": self.dvae.output, "clip": self.clip.output,
                     "tokens": self.tokenize.output, "prior": self.prior.output, "report": self.sample.output,
-                    "prior_diffusion": self.diffusion.output,
+                    "prior_diffusion": self.diffusion.output, "decoder": self.decoder.output,
                     "clip_retrieval": self.tokenize.export}
         if stage == "tokens_input":
             return self.tokenize.input or self.path("images")
@@ -84,7 +96,11 @@ def absolute_paths(cfg: Config) -> Config:
                dvae=rep(cfg.dvae, output=fix(cfg.dvae.output)), clip=rep(cfg.clip, output=fix(cfg.clip.output)),
                tokenize=rep(cfg.tokenize, output=fix(cfg.tokenize.output)),
                prior=rep(cfg.prior, output=fix(cfg.prior.output)),
-               sample=rep(cfg.sample, output=fix(cfg.sample.output), checkpoint=fix(cfg.sample.checkpoint)))
+               decoder=rep(cfg.decoder, output=fix(cfg.decoder.output)),
+               sample=rep(cfg.sample, output=fix(cfg.sample.output), checkpoint=fix(cfg.sample.checkpoint),
+                          diffusion_checkpoint=fix(cfg.sample.diffusion_checkpoint),
+                          decoder_checkpoint=fix(cfg.sample.decoder_checkpoint),
+                          variations=[fix(v) for v in cfg.sample.variations]))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

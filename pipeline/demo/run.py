@@ -1,12 +1,11 @@
-"""The whole pipeline on the embedded default dataset, served over loopback HTTP, ending in a report."""
+"""The whole pipeline on the embedded default dataset, served over loopback HTTP, ending in a report: DALL-E 1
+(dVAE, autoregressive prior, sampling) and DALL-E 2 (diffusion prior, decoder, the chain and variations)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -14,11 +13,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Config, diffusion_config
 from pipeline.demo import synth
+from pipeline.demo.dalle2 import run_dalle2
 from pipeline.demo.server import ImageServer
 from pipeline.dvae.data import load_image_array
 from pipeline.report.build import write_run_report
 from pipeline.runtime.progress import timed
 from pipeline.sample.run import run_sample
+from pipeline.storage.commit import atomic_output
+from pipeline.storage.urls import join, write_json
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +28,13 @@ log = logging.getLogger(__name__)
 def prepare_dataset(cfg: Config, server: ImageServer, samples: list[synth.Sample],
                     heldout: list[str]) -> str:
     """Write the URL list (Parquet: url, caption) and the dataset record; return the list's path."""
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    urls = run / "urls.parquet"
+    urls = join(cfg.run_dir, "urls.parquet")  # a folder or the run's storage (a URL)
     table = pa.table({"url": [server.url(s.index) for s in samples], "caption": [s.caption for s in samples]})
-    pq.write_table(table, urls)
-    (run / "dataset.json").write_text(json.dumps({"num_images": len(samples), "heldout_captions": heldout,
-                                                  "heldout_fraction": cfg.data.heldout_fraction}, indent=1))
-    return str(urls)
+    with atomic_output(urls) as f:
+        pq.write_table(table, f)
+    write_json(join(cfg.run_dir, "dataset.json"), {"num_images": len(samples), "heldout_captions": heldout,
+                                                    "heldout_fraction": cfg.data.heldout_fraction})
+    return urls
 
 
 def _print_stage(name: str, summary: dict[str, Any]) -> None:
@@ -85,10 +86,12 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     dcfg = diffusion_config(cfg)  # DALL-E 2's prior: same tokens, same engine
     stage("train-diffusion-prior", lambda: prior_train.launch(dcfg))
     stage("eval-prior", lambda: eval_prior_summary(dcfg))
+    run_dalle2(cfg, stage, images)  # DALL-E 2: decoder trained, evaluated, chained after the prior; variations
     report_path = write_run_report(cfg, summaries, drawn, images)
     summaries["total"] = {"wall_s": round(time.time() - t_all, 2)}
-    return {"report": report_path, "stages": summaries, "match": summaries["sample"]["match"],
-            "chance": summaries["sample"]["chance"]}
+    d1, d2 = summaries["sample"], summaries["sample-dalle2"]
+    return {"report": report_path, "stages": summaries, "match": d1["match"], "chance": d1["chance"],
+            "dalle2_match": d2["match"], "dalle2_chance": d2["chance"]}
 
 
 def _keep(summary_and_results: tuple[dict[str, Any], list], into: list) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """A deterministic generator of captioned images whose captions are learnable from pixels.
 
 Each image is one shape (circle, square, triangle) of one colour in one quadrant on one background colour, captioned
-``"a red circle in the top left on a gray background"``. Colour and position can be read back from pixels, which is
-how the demo scores whether sampled images are faithful to their captions.
+``"a red circle in the top left on a gray background"``. All four attributes can be read back from pixels
+(``read_image``), which is how the demo scores whether sampled, decoded or retrieved images are faithful to their
+captions (``score_attributes``, beside each attribute's chance level).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,24 +105,86 @@ _PALETTE_NAMES = list(COLOURS) + [f"bg:{b}" for b in BACKGROUNDS]
 _PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
 
 
-def read_attributes(image: np.ndarray) -> tuple[str | None, str | None]:
-    """(shape colour, quadrant) read from an HxWx3 uint8 image, or None where no shape pixels are found.
+ATTRIBUTES = ("colour", "shape", "position", "background")
+CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS),
+          "background": 1 / len(BACKGROUNDS)}
+"""What guessing each attribute uniformly scores (the held-out captions' attributes are spread over all values)."""
 
-    Every pixel goes to its nearest palette entry; the most frequent shape colour wins and its pixels' centre of
-    mass gives the quadrant.
+
+def read_image(image: np.ndarray) -> dict[str, str | None]:
+    """Colour, shape, position (quadrant) and background read from an HxWx3 uint8 image; None where no shape pixels
+    are found (the background is still read).
+
+    Every pixel goes to its nearest palette entry. The most frequent shape colour wins; its pixels near their median
+    (the shape) give the quadrant by their centre of mass; the most frequent background entry is the background.
+    The shape comes from those pixels' bounding box (2nd-98th percentile, so stray pixels of a generated image do not
+    stretch it): a triangle's top quarter is far narrower than its bottom quarter, a square fills its box, a circle
+    fills ~pi/4 of it.
     """
     pix = image.reshape(-1, 3).astype(np.float32)
-    dist = ((pix[:, None, :] - _PALETTE[None, :, :]) ** 2).sum(-1)
-    nearest = dist.argmin(1)
-    counts = np.bincount(nearest, minlength=len(_PALETTE))[: len(COLOURS)]
+    nearest = ((pix[:, None, :] - _PALETTE[None, :, :]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(_PALETTE))
+    n_col = len(COLOURS)
+    out: dict[str, str | None] = {"colour": None, "shape": None, "position": None,
+                                  "background": list(BACKGROUNDS)[int(counts[n_col:].argmax())]}
     h, w = image.shape[:2]
-    if counts.max() < max(2, h * w // 100):
-        return None, None
-    best = int(counts.argmax())
-    ys, xs = np.divmod(np.flatnonzero(nearest == best), w)
-    vert = "top" if ys.mean() < h / 2 else "bottom"
-    horiz = "left" if xs.mean() < w / 2 else "right"
-    return _PALETTE_NAMES[best], f"{vert} {horiz}"
+    if counts[:n_col].max() < max(2, h * w // 100):
+        return out
+    best = int(counts[:n_col].argmax())
+    mask = (nearest == best).reshape(h, w)
+    ys, xs = np.nonzero(mask)
+    # Only pixels near the median belong to the shape (a shape spans 0.38 of the image): stray pixels of the same
+    # colour elsewhere in a generated image must not stretch its box nor move its centre.
+    cy, cx = np.median(ys), np.median(xs)
+    near = (np.abs(ys - cy) <= 0.3 * h) & (np.abs(xs - cx) <= 0.3 * w)
+    mask = np.zeros_like(mask)
+    mask[ys[near], xs[near]] = True
+    ys, xs = ys[near], xs[near]
+    out["colour"] = _PALETTE_NAMES[best]
+    out["position"] = f"{'top' if ys.mean() < h / 2 else 'bottom'} {'left' if xs.mean() < w / 2 else 'right'}"
+    y0, y1 = np.percentile(ys, [2, 98]).round().astype(int)
+    x0, x1 = np.percentile(xs, [2, 98]).round().astype(int)
+    box = mask[y0:y1 + 1, x0:x1 + 1]
+    q = max(1, box.shape[0] // 4)
+    top, bottom = box[:q].sum(1).mean(), box[-q:].sum(1).mean()
+    if top < 0.6 * bottom:
+        out["shape"] = "triangle"
+    else:
+        out["shape"] = "square" if box.mean() >= 0.93 else "circle"
+    return out
+
+
+def read_attributes(image: np.ndarray) -> tuple[str | None, str | None]:
+    """(shape colour, quadrant) read from an HxWx3 uint8 image (``read_image``), or None where no shape is found."""
+    got = read_image(image)
+    return got["colour"], got["position"]
+
+
+def score_attributes(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, float | int]:
+    """How often the attributes read from each image's pixels are the ones its caption names: per attribute, all four
+    at once, and colour and position together (the DALL-E 1 section's pair), each beside its chance level. Captions
+    this dataset did not make are skipped; ``scored`` counts the rest."""
+    hits = {a: 0 for a in (*ATTRIBUTES, "colour_and_position", "all")}
+    n = 0
+    for image, caption in zip(images, captions, strict=True):
+        want = parse_caption(caption)
+        if want is None:
+            continue
+        n += 1
+        got = read_image(np.asarray(image))
+        ok = {a: got[a] == want[a] for a in ATTRIBUTES}
+        for a in ATTRIBUTES:
+            hits[a] += ok[a]
+        hits["colour_and_position"] += ok["colour"] and ok["position"]
+        hits["all"] += all(ok.values())
+    out: dict[str, float | int] = {"scored": n}
+    if not n:
+        return out
+    chance = {**CHANCE, "colour_and_position": CHANCE["colour"] * CHANCE["position"],
+              "all": float(np.prod(list(CHANCE.values())))}
+    for a, h in hits.items():
+        out[f"{a}_match"], out[f"{a}_chance"] = h / n, chance[a]
+    return out
 
 
 def parse_caption(caption: str) -> dict[str, str] | None:

@@ -1,36 +1,43 @@
 """One URL → bytes, with the guards img2dataset's ``download_image`` lacks (its issues #333, #395, #437).
 
-- a deadline on the *whole* fetch (DNS, connect, headers, body, redirects, retries, Retry-After waits), enforced by a
-  watchdog that shuts the socket down, so a server dripping one byte at a time cannot hold a worker;
+- a deadline on the *whole* fetch (DNS, connect, TLS handshake, headers, body, redirects, retries, Retry-After
+  waits), enforced by a watchdog that shuts the socket down, so a server dripping one byte at a time cannot hold a
+  worker;
 - a byte cap on the body (Content-Length checked first, then counted while reading);
 - http/https only, and an SSRF guard: every address a name resolves to is checked (loopback, private, link-local,
   multicast, reserved, cloud metadata, IPv4-mapped IPv6, decimal/hex IP spellings all resolve to an address first),
   the connection goes to the vetted address (no second lookup to rebind), and every redirect is checked again;
+- HTTPS verified against the system store or ``ca_bundle``, SNI and the certificate check on the URL's host name;
+  a rejected certificate or failed handshake is ``tls_error``, never retried;
+- keep-alive: a connection whose answer was read to the end goes back to a per-process pool and serves the next URL
+  of the same host name *and* vetted address (``pipeline.download.connections``), saving the TCP and TLS handshakes
+  of every further URL on a CDN host;
 - transient failures (5xx, 429 with Retry-After, resets, truncation, timeouts) retried within the deadline;
-- X-Robots-Tag opt-outs honoured with img2dataset's own ``is_disallowed``.
+- X-Robots-Tag opt-outs honoured as img2dataset's ``is_disallowed`` reads them.
 
 Every outcome is one closed code (``CODES``); nothing raises out of ``fetch``.
 """
 
 from __future__ import annotations
 
-import heapq
 import http.client
 import ipaddress
-import os
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from email.message import Message
 from urllib.parse import urljoin, urlsplit
+
+from pipeline.download.connections import GuardedHTTP, GuardedHTTPS, Pool, PoolKey, TLSFailure
 
 OK = "ok"
 FETCH_CODES = ("bad_url", "blocked_address", "dns_error", "dns_temporary", "connect_error", "connection_reset",
-               "timeout", "http_4xx", "http_429", "http_5xx", "redirect_loop", "too_large", "truncated", "opted_out")
+               "timeout", "tls_error", "http_4xx", "http_429", "http_5xx", "redirect_loop", "too_large", "truncated",
+               "opted_out")
 TRANSIENT = frozenset({"dns_temporary", "connect_error", "connection_reset", "timeout", "http_429", "http_5xx",
                        "truncated"})
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -51,6 +58,10 @@ class FetchLimits:
     user_agent_token: str | None = "img2dataset"
     disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai"})
     """X-Robots-Tag directives that opt an image out; empty to ignore opt-outs."""
+    ca_bundle: str = ""
+    """PEM file of the CAs HTTPS trusts; empty: the system store."""
+    keep_alive: bool = True
+    """Reuse connections per host name and vetted address; off: one connection per request (Connection: close)."""
 
 
 class AddressPolicy:
@@ -110,7 +121,6 @@ class FetchResult:
     final_url: str = ""
     attempts: int = 0
     elapsed: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 class _Fail(Exception):
@@ -119,47 +129,22 @@ class _Fail(Exception):
         self.code, self.message, self.status, self.retry_after = code, message, status, retry_after
 
 
-class _Watchdog:
-    """One thread that shuts sockets down when their fetch's deadline passes (a drip-feeding peer stops here)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, socket.socket]] = []
-        self._cond = threading.Condition()
-        self._seq = 0
-        threading.Thread(target=self._run, name="fetch-watchdog", daemon=True).start()
-
-    def watch(self, sock: socket.socket, deadline: float) -> None:
-        with self._cond:
-            self._seq += 1
-            heapq.heappush(self._heap, (deadline, self._seq, sock))
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, _, sock = heapq.heappop(self._heap)
-            try:
-                if sock.fileno() != -1:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-_WATCHDOG: _Watchdog | None = None
 _DNS: ThreadPoolExecutor | None = None
+_POOL = Pool()
 _INIT = threading.Lock()
 
 
-def _services() -> tuple[_Watchdog, ThreadPoolExecutor]:
-    global _WATCHDOG, _DNS
+def _dns() -> ThreadPoolExecutor:
+    global _DNS
     with _INIT:
-        if _WATCHDOG is None:
-            _WATCHDOG = _Watchdog()
+        if _DNS is None:
             _DNS = ThreadPoolExecutor(16, thread_name_prefix="fetch-dns")  # getaddrinfo has no timeout of its own
-    assert _DNS is not None
-    return _WATCHDOG, _DNS
+        return _DNS
+
+
+def close_idle() -> None:
+    """Close every idle keep-alive connection of this process (tests; the end of a run)."""
+    _POOL.clear()
 
 
 def fetch(url: object, limits: FetchLimits, policy: AddressPolicy) -> FetchResult:
@@ -189,10 +174,10 @@ def _attempt(url: object, limits: FetchLimits, policy: AddressPolicy, deadline: 
     seen = set()
     for _ in range(limits.max_redirects + 1):
         seen.add(current)
-        resp, headers = _request(current, limits, policy, deadline)
+        conn, key, resp = _request(current, limits, policy, deadline)
         if resp.status in REDIRECTS:
             location = resp.getheader("Location")
-            resp.close()
+            _done(conn, key, resp, limits)
             if not location:
                 raise _Fail("http_4xx", f"redirect {resp.status} without Location", resp.status)
             current = urljoin(current, location)
@@ -201,14 +186,19 @@ def _attempt(url: object, limits: FetchLimits, policy: AddressPolicy, deadline: 
             continue
         try:
             body = _read_body(resp, limits, deadline)
-        finally:
+        except _Fail:
             resp.close()
-        return FetchResult(OK, body, "", resp.status, current, headers=headers)
+            conn.discard()
+            raise
+        _done(conn, key, resp, limits)
+        return FetchResult(OK, body, "", resp.status, current)
     raise _Fail("redirect_loop", f"more than {limits.max_redirects} redirects")
 
 
 def _request(url: str, limits: FetchLimits, policy: AddressPolicy,
-             deadline: float) -> tuple[http.client.HTTPResponse, dict[str, str]]:
+             deadline: float) -> tuple[GuardedHTTP, PoolKey, http.client.HTTPResponse]:
+    """One request on a connection to the vetted address (a pooled one for the same name and address, or a new
+    one); returns the connection, its pool key and the response with its body unread (status 200 or a redirect)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise _Fail("bad_url", f"scheme {parts.scheme or '(none)'!r} is not http/https")
@@ -219,40 +209,96 @@ def _request(url: str, limits: FetchLimits, policy: AddressPolicy,
     if not host:
         raise _Fail("bad_url", f"no host in {url!r}")
     ip = _resolve(host, port, policy, deadline)
-    conn_cls = _GuardedHTTPS if parts.scheme == "https" else _GuardedHTTP
-    conn = conn_cls(host, port, ip, min(limits.io_timeout_s, _remaining(deadline)), deadline)
+    ca = limits.ca_bundle if parts.scheme == "https" else ""
+    key: PoolKey = (parts.scheme, host, port, ip, ca)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5",
-                                           "Accept-Encoding": "identity", "Connection": "close"})
-        resp = conn.getresponse()
-    except _Fail:
-        raise
-    except Exception as exc:  # noqa: BLE001 — every socket/TLS/protocol failure maps to a code
-        raise _io_fail(exc, deadline, "request") from exc
-    headers = {k.lower(): v for k, v in resp.getheaders()}
+    conn, resp = _exchange(key, path, limits, deadline)
     if resp.status in REDIRECTS:
-        return resp, headers
+        return conn, key, resp
     if resp.status != 200:
-        resp.close()
+        _done(conn, key, resp, limits)
         code = "http_429" if resp.status == 429 else "http_5xx" if resp.status >= 500 else "http_4xx"
         if resp.status == 408:
             code = "http_5xx"  # a server-side timeout is worth a retry
         raise _Fail(code, f"HTTP {resp.status}", resp.status, _retry_after(resp.getheader("Retry-After")))
-    if limits.disallowed_directives and _opted_out()(resp.headers, limits.user_agent_token,
+    if limits.disallowed_directives and is_disallowed(resp.headers, limits.user_agent_token,
                                                       limits.disallowed_directives):
-        resp.close()
+        _done(conn, key, resp, limits)
         raise _Fail("opted_out", f"X-Robots-Tag: {resp.getheader('X-Robots-Tag')}", resp.status)
     length = resp.getheader("Content-Length")
     if length and length.isdigit() and int(length) > limits.max_bytes:
         resp.close()
+        conn.discard()
         raise _Fail("too_large", f"Content-Length {length} > cap {limits.max_bytes}", resp.status)
-    return resp, headers
+    return conn, key, resp
+
+
+def _exchange(key: PoolKey, path: str, limits: FetchLimits,
+              deadline: float) -> tuple[GuardedHTTP, http.client.HTTPResponse]:
+    """Send the GET and read the status line and headers. A pooled connection the server closed while it sat idle
+    fails before any byte of an answer arrives: then (once) a new connection is opened. GET is safe to resend."""
+    scheme, host, port, ip, ca = key
+    headers = {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
+    if not limits.keep_alive:
+        headers["Connection"] = "close"
+    conn = _POOL.get(key) if limits.keep_alive else None
+    while True:
+        reused = conn is not None
+        timeout = min(limits.io_timeout_s, _remaining(deadline))
+        if conn is None:
+            conn = (GuardedHTTPS if scheme == "https" else GuardedHTTP)(host, port, ip, timeout, ca)
+        conn.lease(deadline, timeout)
+        try:
+            conn.request("GET", path, headers=headers)
+            return conn, conn.getresponse()
+        except TLSFailure as exc:
+            conn.discard()
+            raise _Fail("tls_error", str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 — every socket/TLS/protocol failure maps to a code
+            conn.discard()
+            if reused and isinstance(exc, _STALE) and time.monotonic() < deadline:
+                conn = None
+                continue
+            raise _io_fail(exc, deadline, "request") from exc
+
+
+_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected,
+          ssl.SSLEOFError, ssl.SSLZeroReturnError)
+_DRAIN_MAX = 64 * 1024
+
+
+def _done(conn: GuardedHTTP, key: PoolKey, resp: http.client.HTTPResponse, limits: FetchLimits) -> None:
+    """The response is finished with: the connection goes back to the pool when its answer was read to the end (a
+    short unread body — a redirect's, an error page's — is read off first) and the server keeps it open."""
+    reusable = limits.keep_alive and not resp.will_close and conn.sock is not None
+    if reusable and not resp.isclosed():
+        if resp.length is not None and resp.length <= _DRAIN_MAX:
+            try:
+                resp.read()
+            except Exception:  # noqa: BLE001 — a broken connection is simply not reused
+                reusable = False
+        reusable = reusable and resp.isclosed()
+    resp.close()
+    if reusable:
+        conn.release()
+        _POOL.put(key, conn)
+    else:
+        conn.discard()
 
 
 def _resolve(host: str, port: int, policy: AddressPolicy, deadline: float) -> str:
-    _, dns = _services()
-    future = dns.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    try:  # an address written out needs no lookup (other spellings such as 2130706433 go through getaddrinfo)
+        addrs = [str(ipaddress.ip_address(host))]
+    except ValueError:
+        addrs = _lookup(host, port, deadline)
+    blocked = [a for a in addrs if not policy.permits(a, port)]
+    if blocked or not addrs:  # one bad address is enough: a name mixing public and private ones is an attack
+        raise _Fail("blocked_address", f"{host} resolves to a non-public address {blocked[0] if blocked else '-'}")
+    return addrs[0]
+
+
+def _lookup(host: str, port: int, deadline: float) -> list[str]:
+    future = _dns().submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
     try:
         infos = future.result(timeout=_remaining(deadline))
     except FutureTimeout as exc:
@@ -262,37 +308,7 @@ def _resolve(host: str, port: int, policy: AddressPolicy, deadline: float) -> st
         raise _Fail(code, f"cannot resolve {host}: {exc}") from exc
     except (UnicodeError, OSError) as exc:
         raise _Fail("dns_error", f"cannot resolve {host}: {exc}") from exc
-    addrs = [info[4][0] for info in infos]
-    blocked = [a for a in addrs if not policy.permits(a, port)]
-    if blocked or not addrs:  # one bad address is enough: a name mixing public and private ones is an attack
-        raise _Fail("blocked_address", f"{host} resolves to a non-public address {blocked[0] if blocked else '-'}")
-    return addrs[0]
-
-
-class _GuardedHTTP(http.client.HTTPConnection):
-    """Connects to the vetted address ``ip`` (never a second DNS lookup) and registers with the watchdog."""
-
-    def __init__(self, host: str, port: int, ip: str, timeout: float, deadline: float):
-        super().__init__(host, port, timeout=timeout)
-        self._ip, self._deadline = ip, deadline
-        self.raw: socket.socket | None = None
-
-    def _open(self) -> socket.socket:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        watchdog, _ = _services()
-        watchdog.watch(sock, self._deadline)
-        return sock
-
-    def connect(self) -> None:
-        self.sock = self.raw = self._open()
-
-
-class _GuardedHTTPS(_GuardedHTTP):
-    _ctx = ssl.create_default_context()
-
-    def connect(self) -> None:
-        self.raw = self._open()
-        self.sock = self._ctx.wrap_socket(self.raw, server_hostname=self.host)
+    return [info[4][0] for info in infos]
 
 
 def _read_body(resp: http.client.HTTPResponse, limits: FetchLimits, deadline: float) -> bytes:
@@ -334,12 +350,18 @@ def _io_fail(exc: BaseException, deadline: float, phase: str) -> _Fail:
     return _Fail("connect_error", f"{phase}: {type(exc).__name__}: {exc}")
 
 
-def _opted_out() -> Callable[..., bool]:
-    """img2dataset's own X-Robots-Tag parser, imported on first use (img2dataset's import is heavy)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it imports albumentations, which phones home
-    from img2dataset.downloader import is_disallowed
-
-    return is_disallowed
+def is_disallowed(headers: Message, user_agent_token: str | None, directives: frozenset[str]) -> bool:
+    """img2dataset's X-Robots-Tag reading (``img2dataset.downloader.is_disallowed``, the same answers — a test holds
+    them side by side): a directive applies when it names no user agent or names ``user_agent_token``. Written out
+    here because importing img2dataset's downloader imports its whole CLI (wandb, webdataset, torch), seconds per
+    process for a dozen lines."""
+    for value in headers.get_all("X-Robots-Tag", []):
+        agent_directives = value.split(":", 1)
+        found = [x.strip().lower() for x in agent_directives[-1].split(",")]
+        agent = agent_directives[0].lower() if len(agent_directives) == 2 else None
+        if (agent is None or agent == user_agent_token) and any(x in directives for x in found):
+            return True
+    return False
 
 
 def _retry_after(value: str | None) -> float | None:

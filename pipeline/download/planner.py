@@ -9,7 +9,10 @@ decided here, once, in input order, so every rerun makes the same decision.
 from __future__ import annotations
 
 import glob as globlib
+import importlib.util
 import math
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -17,16 +20,34 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
-from img2dataset.reader import Reader
 
 from pipeline.config import DownloadConfig
-from pipeline.download.shard import OOM_SHARD_COUNT, ShardPlan
+from pipeline.download.shard import OOM_SHARD_COUNT, ShardPlan, extra_fields
+from pipeline.download.writer import sample_key
 from pipeline.errors import InputError
 from pipeline.storage import commit
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 
 
+def img2dataset_reader() -> type:
+    """img2dataset's own ``Reader`` class, from its ``reader.py``. Not ``import img2dataset.reader``: that first runs
+    the package's ``__init__``, which imports img2dataset's whole CLI (wandb, albumentations, webdataset and with it
+    torch) — seconds on the driver before the first shard can start, for a module that needs pyarrow and pandas."""
+    if "img2dataset.reader" in sys.modules:  # already imported the ordinary way in this process
+        return sys.modules["img2dataset.reader"].Reader
+    name = "pipeline.download._img2dataset_reader"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("img2dataset")  # a top-level name: found, not imported
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("img2dataset is not installed")
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(list(package.submodule_search_locations)[0], "reader.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name].Reader
 
 
 def input_format(path: str) -> str:
@@ -79,7 +100,9 @@ def shard_settings(cfg: DownloadConfig, files: list[str]) -> dict[str, Any]:
     Input files are fingerprinted by content (sha256), so a reordered or edited list is caught, not just a resized one.
     Network knobs (threads, timeouts, retries) are left out: changing them on resume is fine.
     """
+    extra = {"save_additional_columns": cfg.save_additional_columns} if cfg.save_additional_columns else {}
     return {
+        **extra,  # only when set: runs recorded before the option existed still match their reruns
         "input_files": {f: _content_hash(f) for f in files}, "url_col": cfg.url_col, "caption_col": cfg.caption_col,
         "shard_size": cfg.shard_size, "image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
         "output_format": cfg.output_format, "encode_format": cfg.encode_format, "encode_quality": cfg.encode_quality,
@@ -114,13 +137,16 @@ def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int],
     for f in files:
         _check_columns(f, cfg)
         try:
-            reader = Reader(f, input_format(f), cfg.url_col, cfg.caption_col or None, None, None, None,
-                            cfg.shard_size, done, plan_dir, next_id)
+            reader = img2dataset_reader()(f, input_format(f), cfg.url_col, cfg.caption_col or None, None, None,
+                                          cfg.save_additional_columns or None, cfg.shard_size, done, plan_dir, next_id)
             shards, count = reader._save_to_arrow(f, next_id)  # one file at a time keeps ids contiguous
         except KeyError as exc:
-            raise InputError(f"{f}: column {exc} not found (set download.url_col / download.caption_col)") from exc
+            raise InputError(f"{f}: column {exc} not found (set download.url_col / download.caption_col / "
+                             "download.save_additional_columns)") from exc
         except Exception as exc:  # noqa: BLE001 — surface pandas/pyarrow parse errors with the file name and row
             raise InputError(f"{f}: cannot read URL list ({type(exc).__name__}: {exc}){_bad_utf8_line(f)}") from exc
+        if shards and cfg.save_additional_columns:
+            extra_fields(shards[0][1], cfg.save_additional_columns, f)  # a type no shard can carry: named now
         if cfg.dedup_urls:
             hashes.append((next_id, _url_hashes(f, cfg)))
         plans += [ShardPlan(sid, path) for sid, path in shards]
@@ -155,8 +181,6 @@ def _url_hashes(path: str, cfg: DownloadConfig) -> np.ndarray:
 
 def duplicate_urls(hashes: list[tuple[int, np.ndarray]], shard_size: int) -> dict[int, dict[int, str]]:
     """shard id → {row index: key of the first row with that URL}; first in input order wins (rerun-stable)."""
-    from img2dataset.downloader import compute_key
-
     if not hashes:
         return {}
     shard_of = np.concatenate([start + np.arange(len(h)) // shard_size for start, h in hashes])
@@ -167,8 +191,8 @@ def duplicate_urls(hashes: list[tuple[int, np.ndarray]], shard_size: int) -> dic
     out: dict[int, dict[int, str]] = {}
     for i in np.nonzero(owner != np.arange(len(owner)))[0]:
         j = owner[i]
-        out.setdefault(int(shard_of[i]), {})[int(row_of[i])] = compute_key(int(row_of[j]), int(shard_of[j]), oom,
-                                                                            OOM_SHARD_COUNT)
+        out.setdefault(int(shard_of[i]), {})[int(row_of[i])] = sample_key(int(row_of[j]), int(shard_of[j]), oom,
+                                                                           OOM_SHARD_COUNT)
     return out
 
 
@@ -202,3 +226,7 @@ def _check_columns(path: str, cfg: DownloadConfig) -> None:
     for key, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
         if col and col not in names:
             raise InputError(f"{path}: column '{col}' not found (set download.{key}; columns: {', '.join(names)})")
+    for col in cfg.save_additional_columns:
+        if col not in names:
+            raise InputError(f"{path}: column '{col}' of download.save_additional_columns not found (columns: "
+                             f"{', '.join(names)})")

@@ -12,28 +12,16 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.download import planner, runs
+from pipeline.download.owners import ShaOwners
 from pipeline.download.shard import ShardPlan, download_shard
 from pipeline.errors import RunMismatchError
+from pipeline.forget import record
 from pipeline.runtime import ray_seam
 from pipeline.runtime.progress import Progress
 from pipeline.storage import commit
 from pipeline.storage.lease import Lease
 
 log = logging.getLogger(__name__)
-
-
-class ShaOwners:
-    """Run-wide first owner of each image sha256 (the duplicate-image filter). Seeded from committed shards on resume.
-
-    The download runs it as one actor on the driver's node, so losing a worker node never loses it. It holds every
-    kept image's sha prefix; at LAION scale (10^8 images) that is a few GB, so shard it by prefix when you get there.
-    """
-
-    def __init__(self) -> None:
-        self.owner: dict[int, str] = {}
-
-    def claim(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
-        return {sha: self.owner.setdefault(int(sha[:16], 16), key) for sha, key in pairs}
 
 
 def run_download(cfg: Config) -> dict[str, Any]:
@@ -61,7 +49,7 @@ def _run(cfg: Config, output: str, files: list[str], done: set[int], plan_dir: s
         if plans:
             raise RunMismatchError(f"download.retry_failed: {len(plans)} shards of the URL list are not committed yet; "
                              "finish the run first (rerun without retry_failed)")
-        plans = runs.plan_retry_round(output, dcfg.shard_size, total)
+        plans = runs.plan_retry_round(output, dcfg.shard_size, total, dcfg.save_additional_columns)
     log.info("download: %d shards to fetch, %d already committed", len(plans), len(done))
     registry = ray_seam.driver_actor(ShaOwners)
     if dcfg.dedup_images and done:
@@ -88,7 +76,7 @@ def _run_shards(cfg: Config, output: str, plans: list[ShardPlan], registry: Any,
     dcfg = cfg.download
     fs, _ = commit.fs_and_path(output)
     progress = Progress("download", total=len(plans), unit="shards")
-    fetch_shard = ray_seam.task(download_shard, num_cpus=1, resources=dcfg.resources)
+    fetch_shard = ray_seam.task(download_shard, num_cpus=dcfg.task_cpus, resources=dcfg.resources)
 
     def done(plan: ShardPlan, manifest: dict[str, Any]) -> None:
         totals["shards"] += 1
@@ -103,7 +91,9 @@ def _run_shards(cfg: Config, output: str, plans: list[ShardPlan], registry: Any,
         progress.update(1, f"shard {plan.shard_id:05d} FAILED")
 
     token = lease.token
-    ray_seam.run_bounded(lambda plan, attempt: fetch_shard(dcfg, output, plan, attempt, registry.claim, token),
+    refuse = record.refusals(cfg.path("takedowns")) or None  # what the run's takedowns removed is never fetched again
+    ray_seam.run_bounded(lambda plan, attempt: fetch_shard(dcfg, output, plan, attempt, registry.claim, token,
+                                                           refuse),
                          plans, dcfg.max_in_flight, dcfg.shard_retries, done, gave_up,
                          name=lambda p: f"shard {p.shard_id:05d}")
     progress.close()

@@ -25,10 +25,13 @@ from pipeline.storage import commit
 
 log = logging.getLogger(__name__)
 
-def shard_meta(output: str, shard_id: int, columns: list[str]) -> pa.Table:
-    """The per-row metadata of a committed shard (img2dataset's ``{shard}.parquet``), only ``columns``."""
+def shard_meta(output: str, shard_id: int, columns: list[str], manifest: dict[str, Any] | None = None) -> pa.Table:
+    """The per-row metadata of a committed shard (img2dataset's ``{shard}.parquet``, in the generation its marker
+    ``manifest`` commits: read if not given), only ``columns``."""
     fs, out = commit.fs_and_path(output)
-    with fs.open(f"{out}/{shard_id:05d}.parquet", "rb") as f:
+    if manifest is None:
+        manifest = commit.read_marker(fs, out, shard_id) or {}
+    with fs.open(commit.shard_file(out, shard_id, ".parquet", manifest), "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
@@ -36,25 +39,30 @@ def kept_images(output: str) -> list[tuple[str, str]]:
     """(sha256, key) of every image kept by committed shards: seeds run-wide duplicate-image detection on resume."""
     fs, out = commit.fs_and_path(output)
     pairs: list[tuple[str, str]] = []
-    for shard_id in commit.committed_shards(fs, out):
-        t = shard_meta(output, shard_id, ["key", "code", "sha256"]).to_pydict()
+    for shard_id, manifest in commit.committed_shards(fs, out).items():
+        t = shard_meta(output, shard_id, ["key", "code", "sha256"], manifest).to_pydict()
         pairs += [(s, k) for k, c, s in zip(t["key"], t["code"], t["sha256"]) if c == "ok" and s]
     return pairs
 
 
-def retry_candidates(output: str) -> list[dict[str, Any]]:
-    """Rows whose last outcome was transient and that no committed row has retried yet, in key order."""
+def retry_candidates(output: str, extras: list[str] | None = None) -> tuple[list[dict[str, Any]], list[pa.Field]]:
+    """Rows whose last outcome was transient and that no committed row has retried yet, in key order, with their
+    ``extras`` (download.save_additional_columns) and those columns' fields."""
     fs, out = commit.fs_and_path(output)
-    rows, retried = [], set()
-    for shard_id in commit.committed_shards(fs, out):
-        t = shard_meta(output, shard_id, ["key", "url", "caption", "code", "retry_of"]).to_pylist()
+    rows, retried, fields = [], set(), {}
+    for shard_id, manifest in commit.committed_shards(fs, out).items():
+        t = shard_meta(output, shard_id, ["key", "url", "caption", "code", "retry_of", *(extras or [])], manifest)
+        fields.update({f.name: f for f in t.schema if f.name in (extras or []) and not pa.types.is_null(f.type)})
+        t = t.to_pylist()
         retried.update(r["retry_of"] for r in t if r["retry_of"])
         rows += [r for r in t if r["code"] in TRANSIENT]
-    return [{"url": r["url"], "caption": r["caption"], "retry_of": r["key"]}
-            for r in sorted(rows, key=lambda r: r["key"]) if r["key"] not in retried]
+    keep = [pa.field(n, fields[n].type if n in fields else pa.null()) for n in extras or []]
+    return [{"url": r["url"], "caption": r["caption"], "retry_of": r["key"], **{f.name: r[f.name] for f in keep}}
+            for r in sorted(rows, key=lambda r: r["key"]) if r["key"] not in retried], keep
 
 
-def plan_retry_round(output: str, shard_size: int, first_free_id: int) -> list[ShardPlan]:
+def plan_retry_round(output: str, shard_size: int, first_free_id: int,
+                     extras: list[str] | None = None) -> list[ShardPlan]:
     """The shards of the unfinished retry round, or of a new one; [] when nothing is left to retry."""
     fs, out = commit.fs_and_path(output)
     committed = set(commit.committed_shards(fs, out))
@@ -67,7 +75,7 @@ def plan_retry_round(output: str, shard_size: int, first_free_id: int) -> list[S
         pending = [ShardPlan(s, p) for s, p in sorted(shards.items()) if s not in committed]
         if pending:
             return pending  # an interrupted round: finish exactly the plan it started with
-    candidates = retry_candidates(output)
+    candidates, extra_fields = retry_candidates(output, extras)
     if not candidates:
         return []
     next_id = max([first_free_id - 1, *used]) + 1
@@ -79,7 +87,7 @@ def plan_retry_round(output: str, shard_size: int, first_free_id: int) -> list[S
         sid = next_id + i // shard_size
         path = f"{plan_dir}/{sid}.feather"
         table = pa.Table.from_pylist(candidates[i:i + shard_size], schema=pa.schema(
-            [("url", pa.string()), ("caption", pa.string()), ("retry_of", pa.string())]))
+            [("url", pa.string()), ("caption", pa.string()), ("retry_of", pa.string()), *extra_fields]))
         with pfs.open(f"{pdir}/{sid}.feather", "wb") as f, pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
         plans.append(ShardPlan(sid, path))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,8 @@ from pipeline.config import Config
 from pipeline.dvae.data import ShardCache, choose_heldout, shard_counts
 from pipeline.dvae.model import DVAE, load_dvae
 from pipeline.errors import ConfigError, DataError, NotFoundError
-from pipeline.storage.commit import atomic_output
+from pipeline.storage.commit import atomic_output, write_text
+from pipeline.storage.urls import exists, join
 
 
 @torch.no_grad()
@@ -79,15 +79,15 @@ def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: str, max_ima
 
 def eval_dvae(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
-    out = Path(cfg.path("dvae"))
-    ckpt = out / "dvae.pt"
-    if not ckpt.exists() and cfg.dvae.weights:  # e.g. OpenAI's files: import them into our layout first
+    out = cfg.path("dvae")
+    ckpt = join(out, "dvae.pt")
+    if not exists(ckpt) and cfg.dvae.weights:  # e.g. OpenAI's files: import them into our layout first
         from pipeline.dvae.openai import import_weights
 
         import_weights(cfg)
-    if not ckpt.exists():
+    if not exists(ckpt):
         raise NotFoundError(f"{ckpt}: no dVAE to evaluate (run train-dvae, or set dvae.weights)")
-    model = load_dvae(str(ckpt))
+    model = load_dvae(ckpt)
     size = cfg.download.image_size
     if size % model.shape.downsample:
         raise ConfigError(f"{ckpt}: image size {size} is not divisible by the dVAE's downsampling "
@@ -99,10 +99,10 @@ def eval_dvae(cfg: Config) -> dict[str, Any]:
         raise DataError(f"{folder}: too few images to hold any out (have {sum(counts.values())})")
     images = ShardCache(folder, counts, size, capacity=4).images(np.asarray(rows))
     figures, recons = evaluate(model, images)
-    grid = out / "eval_reconstructions.png"
-    write_grid(images, recons, str(grid))
+    grid = join(out, "eval_reconstructions.png")
+    write_grid(images, recons, grid)
     result = {**figures, "heldout_images": len(rows), "image_size": size, "grid": model.shape.grid(size),
-              "vocab_size": model.shape.vocab_size, "recon": model.shape.recon, "checkpoint": str(ckpt),
-              "reconstructions_png": str(grid), "seconds": round(time.time() - t0, 2)}
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+              "vocab_size": model.shape.vocab_size, "recon": model.shape.recon, "checkpoint": ckpt,
+              "reconstructions_png": grid, "seconds": round(time.time() - t0, 2)}
+    write_text(join(out, "eval.json"), json.dumps(result, indent=1))
     return result

@@ -12,6 +12,7 @@ reconstruction cost is DALL-E's logit-Laplace on pixels mapped into (ε, 1-ε), 
 
 from __future__ import annotations
 
+import io
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.storage.commit import atomic_output
+from pipeline.storage.urls import read_bytes
 
 LOGIT_LAPLACE_EPS = 0.1
 RECON_LOSSES = ("logit_laplace", "mse", "bce")
@@ -223,8 +225,9 @@ def save_dvae(model: DVAE, path: str, extra: dict | None = None) -> None:
 
 def load_dvae(path: str) -> DVAE:
     """Load a checkpoint written by ``save_dvae``; the error names the file and the mismatch."""
+    data = read_bytes(path)  # a local path or a URL (the run's storage); NotFoundError names it
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 — truncated/corrupt files raise a zoo of exception types
         raise InputError(f"{path}: cannot read dVAE checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:

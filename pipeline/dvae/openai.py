@@ -25,7 +25,6 @@ import re
 import types
 import urllib.request
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from torch.serialization import SourceChangeWarning
 from pipeline.dvae.model import DVAE, DVAEShape, check_state_dict, load_dvae, save_dvae
 from pipeline.errors import ConfigError, InputError
 from pipeline.storage.commit import write_text
+from pipeline.storage.urls import join
 
 DOWNLOAD_TIMEOUT_S = 120.0
 """Bound on connecting to / each read from an http(s) source, in seconds."""
@@ -290,8 +290,7 @@ def import_weights(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"download.image_size {image_size} is not divisible by the dVAE's downsampling "
                          f"{shape.downsample} (weights {dcfg.weights})")
     extra.update({"vocab_size": shape.vocab_size, "grid": shape.grid(image_size), "image_size": image_size})
-    out = Path(cfg.path("dvae"))
-    out.mkdir(parents=True, exist_ok=True)
-    save_dvae(model, str(out / "dvae.pt"), extra=extra)  # atomic: the source may be this very file
-    write_text(str(out / "metrics.json"), json.dumps({"result": extra, "history": []}))
+    out = cfg.path("dvae")  # a folder or the run's storage
+    save_dvae(model, join(out, "dvae.pt"), extra=extra)  # atomic: the source may be this very file
+    write_text(join(out, "metrics.json"), json.dumps({"result": extra, "history": []}))
     return extra

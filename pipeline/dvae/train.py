@@ -14,10 +14,10 @@ tokenize and sample load) and ``metrics.json`` with the held-out evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, DVAEConfig
+from pipeline.curate.filter import select_image_rows, write_selection
 from pipeline.dvae.data import ShardCache, ShardStream, choose_heldout, shard_counts
 from pipeline.dvae.eval import evaluate, write_grid
 from pipeline.dvae.model import DVAE, DVAEShape, kl_weight_at, save_dvae, temperature_at
@@ -36,9 +37,10 @@ from pipeline.errors import ConfigError
 from pipeline.runtime import ds_seam
 from pipeline.storage import commit
 from pipeline.storage.checkpoints import Checkpoints
-from pipeline.training import loop
-from pipeline.training.metrics import MetricsLog, read_metrics
-from pipeline.training.ranks import driver_lease, launch_ranks, rank_lease, rank_main, step_seed
+from pipeline.storage.urls import Workspace, check_writable, exists, join, read_json
+from pipeline.training import loop, ranks
+from pipeline.training.metrics import METRICS_FILE, MetricsLog, read_metrics
+from pipeline.training.ranks import check_checkpoint_location, rank_lease, rank_main, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +67,14 @@ class DVAELoss(nn.Module):
         return self.dvae.loss(x, temperature, kl_weight, input_noise)
 
 
-def run_settings(cfg: Config, counts: dict[int, int], world: int) -> dict[str, Any]:
+def run_settings(cfg: Config, counts: dict[int, int], world: int, selection: dict | None = None) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (``steps`` may grow)."""
     d = cfg.dvae
     return {"shape": asdict(dvae_shape(d)), "seed": cfg.seed, "image_size": cfg.download.image_size,
             "batch_size": d.batch_size, "world_size": world, "heldout_images": d.heldout_images,
             "window_shards": d.window_shards, "zero_stage": d.zero_stage, "bf16": d.bf16,
-            "shards": {str(k): v for k, v in counts.items()}}
+            "shards": {str(k): v for k, v in counts.items()},
+            **({"filter": selection} if selection else {})}  # the filter and a hash of the rows it kept
 
 
 @dataclass
@@ -82,49 +85,75 @@ class Images:
     train_images: int
     stream: ShardStream
     cache: ShardCache
+    selection: dict | None = None  # dvae.filter's record: the filter, its counts per clause, the kept rows' hash
 
 
 def _images(cfg: Config, rank: int, world: int) -> Images:
     d, folder = cfg.dvae, cfg.path("images")
-    box = [shard_counts(folder) if rank == 0 else None]
+    box = [_index(folder, d.filter) if rank == 0 else None]
     if torch.distributed.is_initialized():  # one rank reads the markers; every rank trains on the same index
         torch.distributed.broadcast_object_list(box, src=0)
-    counts: dict[int, int] = box[0]
+    counts, selection, masks = box[0]
     heldout = choose_heldout(counts, d.heldout_images, cfg.seed)
     rows = {sid: np.delete(np.arange(n, dtype=np.int64), [r for s, r in heldout if s == sid])
             for sid, n in counts.items()}
+    if masks is not None:  # dvae.filter: only the images it keeps, for training and evaluation alike
+        rows = {sid: r[masks[sid][r]] for sid, r in rows.items()}
+        heldout = [(s, r) for s, r in heldout if masks[s][r]]
     return Images(counts, heldout, int(sum(len(r) for r in rows.values())),
                   ShardStream(rows, cfg.seed, rank, world, d.window_shards),
-                  ShardCache(folder, counts, cfg.download.image_size, capacity=2 * d.window_shards))
+                  ShardCache(folder, counts, cfg.download.image_size, capacity=2 * d.window_shards), selection)
+
+
+def _index(folder: str, filter: str) -> tuple[dict[int, int], dict | None, dict[int, np.ndarray] | None]:
+    """Rank 0: the images per shard and, with ``dvae.filter``, its record and the kept rows per shard."""
+    counts = shard_counts(folder)
+    if not filter:
+        return counts, None, None
+    chosen = select_image_rows(folder, counts, filter)
+    digest = hashlib.sha256(b"".join(np.packbits(chosen["masks"][s]).tobytes() for s in sorted(counts)))
+    return counts, dict(chosen["record"], kept_sha256=digest.hexdigest()), chosen["masks"]
 
 
 def _fresh_start(out: str) -> None:
     """Rank 0, when not resuming: remove what an earlier run left here (only what this trainer writes)."""
     Checkpoints(out, PREFIX).clear()
-    for name in os.listdir(out):
-        path = os.path.join(out, name)
-        if name == "tb" and os.path.isdir(path):
-            shutil.rmtree(path)
+    fs, path = commit.fs_and_path(out)
+    fs.invalidate_cache()
+    for entry in fs.ls(path, detail=True) if fs.exists(path) else []:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name == "tb" and entry["type"] == "directory":
+            commit.remove(fs, f"{path}/tb", recursive=True)
         elif name in OUTPUTS or (name.startswith("recon_step") and name.endswith(".png")):
-            os.remove(path)
+            commit.remove(fs, f"{path}/{name}")
 
 
 def _resume(cfg: Config, out: str, settings: dict[str, Any], rank: int) -> tuple[str | None, dict | None]:
-    """(checkpoint tag to resume or None, the final result when the run is already complete)."""
+    """(checkpoint tag to resume or None, the final result when the run is already complete).
+
+    Only rank 0 touches the run record ``_run.json`` here (checks it, or rewrites it on a fresh start); the other
+    ranks check it in ``_check_run_record`` after the barrier that follows, once rank 0 is done with it: a rank that
+    read it while rank 0 rewrote it saw a half-written or missing file (the dVAE test failed that way under load)."""
     d = cfg.dvae
     fs, path = commit.fs_and_path(out)
     tag = Checkpoints(out, PREFIX).resume_tag("auto", "dvae.resume", rank) if d.resume else None
     if tag is not None:
-        commit.claim_run(fs, path, "train-dvae", settings, refusal=f"refusing to resume its checkpoint {tag}",
-                         hint="Set dvae.resume=false to start over, or use another dvae.output.")
-        done = os.path.exists(os.path.join(out, "dvae.pt")) and os.path.exists(os.path.join(out, "metrics.json"))
+        if rank == 0:
+            _check_run_record(out, settings, tag)
+        done = exists(join(out, "dvae.pt")) and exists(join(out, "metrics.json"))
         if done and Checkpoints(out).step(tag) >= d.steps:
-            with open(os.path.join(out, "metrics.json")) as f:
-                return tag, json.loads(f.read())["result"]
+            return tag, read_json(join(out, "metrics.json"))["result"]
     elif rank == 0:
         _fresh_start(out)
         commit.claim_run(fs, path, "train-dvae", settings, replace=True)
     return tag, None
+
+
+def _check_run_record(out: str, settings: dict[str, Any], tag: str) -> None:
+    """Refuse to resume ``tag`` when the run record says it was trained with other settings."""
+    fs, path = commit.fs_and_path(out)
+    commit.claim_run(fs, path, "train-dvae", settings, refusal=f"refusing to resume its checkpoint {tag}",
+                     hint="Set dvae.resume=false to start over, or use another dvae.output.")
 
 
 class DVAETask:
@@ -135,6 +164,7 @@ class DVAETask:
         self.cfg, self.d, self.engine, self.images = cfg, cfg.dvae, engine, images
         self.rank, self.world, self.micro, self.log = rank, world, cfg.dvae.batch_size // world, log
         self.heldout_x, self.out = heldout_x, cfg.path("dvae")
+        self.ws = Workspace(self.out, rank)  # where DeepSpeed, the log and the grids write on this node
         self.dtype = torch.bfloat16 if cfg.dvae.bf16 else torch.float32
         # One thread reads and decodes step n+1's images while step n trains (the rows are known in advance).
         self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="dvae-prefetch")
@@ -174,8 +204,14 @@ class DVAETask:
                 and done < d.steps:
             self.evaluate(self.engine.module.dvae, done)
 
+    def push_logs(self) -> None:
+        """Rank 0's log, TensorBoard events and grids to the run's storage (before the checkpoint that covers them)."""
+        if self.log is not None:
+            self.ws.push(METRICS_FILE, "tb", *(n for n in os.listdir(self.ws.local) if n.startswith("recon_step")))
+
     def save(self, done: int) -> None:
-        ds_seam.save_checkpoint(self.engine, self.out, done, {"step": done, "seed": self.cfg.seed,
+        self.push_logs()
+        ds_seam.save_checkpoint(self.engine, self.ws, done, {"step": done, "seed": self.cfg.seed,
                                                               "images_seen": done * self.d.batch_size},
                                 keep=self.d.keep_checkpoints, before_commit=self.lease_check)
 
@@ -183,7 +219,7 @@ class DVAETask:
         """Rank 0: held-out figures and the reconstruction grid of ``step``, logged as an eval record."""
         assert self.log is not None and self.heldout_x is not None
         figures, rec = evaluate(module, self.heldout_x)
-        grid = os.path.join(self.out, f"recon_step{step:06d}.png")
+        grid = self.ws.at(f"recon_step{step:06d}.png")
         write_grid(self.heldout_x, rec, grid)
         f = figures
         self.log.log({"kind": "eval", "step": step, **figures}, section="eval", console=(
@@ -197,7 +233,7 @@ class DVAETask:
 
 def train(cfg: Config, rank: int, world: int) -> dict[str, Any] | None:
     """Train on this rank; returns the final result on rank 0 (None elsewhere, or when stopped early)."""
-    os.makedirs(cfg.path("dvae"), exist_ok=True)
+    check_checkpoint_location(cfg.path("dvae"), cfg.dvae, "dvae.output")
     with rank_lease(cfg.path("dvae"), "train-dvae", rank) as lease_check:
         return _train(cfg, rank, world, lease_check)
 
@@ -209,23 +245,27 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         raise ConfigError(f"image size {size} is not divisible by the dVAE downsampling {shape.downsample}")
     if d.batch_size % world:
         raise ConfigError(f"dvae.batch_size {d.batch_size} is not divisible by the {world} ranks")
-    os.makedirs(out, exist_ok=True)
     images = _images(cfg, rank, world)
-    tag, finished = _resume(cfg, out, run_settings(cfg, images.counts, world), rank)
+    settings = run_settings(cfg, images.counts, world, images.selection and {
+        k: images.selection[k] for k in ("filter", "kept_sha256")})
+    tag, finished = _resume(cfg, out, settings, rank)
     if finished is not None:
         if rank == 0:
             print(f"{PREFIX} already trained to step {Checkpoints(out).step(tag)}; nothing to do", flush=True)
         return finished if rank == 0 else None
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # rank 0 has written (or checked) _run.json: the others may read it now
+    if rank != 0 and tag is not None:
+        _check_run_record(out, settings, tag)
     torch.manual_seed(cfg.seed)
     engine = ds_seam.initialize(DVAELoss(DVAE(shape)), ds_seam.ds_config(
         micro_batch_size=d.batch_size // world, world_size=world, lr=d.lr, steps=d.steps,
         warmup_steps=d.warmup_steps, zero_stage=d.zero_stage, bf16=d.bf16, on_gpu=torch.cuda.is_available(),
         betas=(0.9, 0.999), weight_decay=0.0, gradient_clipping=0.0, min_lr_ratio=MIN_LR_RATIO))
-    start = 0
+    start, ws = 0, Workspace(out, rank)
     if tag is not None:
-        start = int(ds_seam.load_checkpoint(engine, out, tag)["step"])
+        start = int(ds_seam.load_checkpoint(engine, ws, tag)["step"])
+        ws.discard(tag)
         if rank == 0:
             print(f"{PREFIX} resumed from {out}/{tag} at step {start}", flush=True)
     end = max(start, min(d.steps, d.stop_after_steps)) if d.stop_after_steps else d.steps
@@ -233,8 +273,11 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
     if rank == 0:
         heldout_x = images.cache.images(np.array(images.heldout, dtype=np.int64).reshape(-1, 2)) \
             if images.heldout else None
-        log = MetricsLog(out, d.steps, prefix=PREFIX, tb_dir="tb")
+        ws.pull(METRICS_FILE)  # the run's log so far, from its storage
+        log = MetricsLog(ws.local, d.steps, prefix=PREFIX, tb_dir="tb")
         log.truncate_after(start)  # what an interrupted run logged past its checkpoint is trained (and logged) again
+        if images.selection:
+            write_selection(images, ws, PREFIX)
         print(f"{PREFIX} {sum(images.counts.values())} images in {len(images.counts)} shards, "
               f"{len(images.heldout)} held out; {world} ranks × {d.batch_size // world} images per step; "
               f"steps {start}..{end} of {d.steps}", flush=True)
@@ -248,6 +291,7 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
             print(f"{PREFIX} stopped after step {end} (dvae.stop_after_steps); checkpoint {out}/step{end:08d}",
                   flush=True)
             log.close()
+            task.push_logs()
         return None
     return _finish(cfg, task, shape, size)
 
@@ -261,7 +305,7 @@ def _finish(cfg: Config, task: DVAETask, shape: DVAEShape, size: int) -> dict[st
     final = DVAE(shape)
     final.load_state_dict({k.removeprefix("dvae."): v for k, v in state.items()})
     final.eval()
-    train_hist = read_metrics(out, kind="train")
+    train_hist = read_metrics(task.ws.local, kind="train")
     elapsed = time.time() - task.t0
     result: dict[str, Any] = {
         "steps": d.steps, "final_loss": train_hist[-1]["loss"] if train_hist else None,
@@ -270,14 +314,18 @@ def _finish(cfg: Config, task: DVAETask, shape: DVAEShape, size: int) -> dict[st
         "heldout_images": len(task.images.heldout), "vocab_size": d.vocab_size, "grid": shape.grid(size),
         "image_size": size, "shard_reads": task.images.cache.reads, "seconds": round(elapsed, 2),
         "images_per_s": task.seen / max(elapsed, 1e-9),
+        **({"filter": {"filter": task.images.selection["filter"], **task.images.selection["counts"]}}
+           if task.images.selection else {}),
     }
     if task.heldout_x is not None:
-        result.update(task.evaluate(final, d.steps), recon_grid=os.path.join(out, f"recon_step{d.steps:06d}.png"))
+        result.update(task.evaluate(final, d.steps), recon_grid=join(out, f"recon_step{d.steps:06d}.png"))
     task.log.close()
+    task.push_logs()
     task.lease_check()
-    save_dvae(final, os.path.join(out, "dvae.pt"), extra=result)
-    doc = {"result": result, "history": read_metrics(out, kind="train"), "evals": read_metrics(out, kind="eval")}
-    commit.write_text(os.path.join(out, "metrics.json"), json.dumps(doc))
+    save_dvae(final, join(out, "dvae.pt"), extra=result)
+    local = task.ws.local
+    doc = {"result": result, "history": read_metrics(local, kind="train"), "evals": read_metrics(local, kind="eval")}
+    commit.write_text(join(out, "metrics.json"), json.dumps(doc))
     return result
 
 
@@ -285,16 +333,15 @@ def launch(cfg: Config) -> dict[str, Any]:
     """Train on ``dvae.num_procs`` ranks through the deepspeed launcher (each streams the committed image shards);
     the final result, or where it stopped (``dvae.stop_after_steps``: resumable, no weights yet)."""
     out = cfg.path("dvae")
-    log_path = os.path.join(out, "launcher.log")
-    logger.info("train-dvae: %d ranks through the deepspeed launcher; log %s", cfg.dvae.num_procs, log_path)
-    with driver_lease(out, "train-dvae"):
-        launch_ranks("pipeline.dvae.train", cfg, out, cfg.dvae.num_procs, PREFIX)
-    if not os.path.exists(os.path.join(out, "metrics.json")):
+    check_writable(out, "dvae.output")
+    launcher = ranks.launch(cfg, cfg.dvae, out, "train-dvae", "pipeline.dvae.train", train, cfg.dvae.num_procs,
+                            PREFIX)
+    logger.info("train-dvae: %d ranks (%s launcher) into %s", cfg.dvae.num_procs, launcher, out)
+    if not exists(join(out, "metrics.json")):
         last = read_metrics(out, kind="train")[-1:]
         return {"stopped_after_step": last[0]["step"] if last else 0, "steps": cfg.dvae.steps,
                 "loss": last[0]["loss"] if last else None, "checkpoint": Checkpoints(out).latest()}
-    with open(os.path.join(out, "metrics.json")) as f:
-        return json.loads(f.read())["result"]
+    return read_json(join(out, "metrics.json"))["result"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

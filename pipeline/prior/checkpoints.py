@@ -7,6 +7,7 @@ trained from scratch, and a checkpoint is resumed only with the data plan and mo
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from pipeline.prior.transformer import DalleTransformer, PriorShape
 from pipeline.runtime import ds_seam
 from pipeline.storage.checkpoints import Checkpoints
 from pipeline.storage.commit import atomic_output
+from pipeline.storage.urls import exists, join, local_copy, read_bytes
 
 KINDS = {"ar": (DalleTransformer, PriorShape), "diffusion": (DiffusionPrior, DiffusionShape)}
 
@@ -34,17 +36,18 @@ class ResumePoint:
     state: dict[str, Any]
 
 
-def find_resume(out: str, policy: str, rank: int = 0) -> ResumePoint | None:
-    """The newest complete checkpoint of ``out`` to resume, or None to start fresh, as ``policy`` allows."""
-    tag = Checkpoints(out, "[train-prior]").resume_tag(policy, "prior.resume", rank)
+def find_resume(out: str, policy: str, rank: int = 0, key: str = "prior.resume",
+                prefix: str = "[train-prior]") -> ResumePoint | None:
+    """The newest complete checkpoint of ``out`` to resume, or None to start fresh, as ``policy`` (config key
+    ``key``) allows."""
+    tag = Checkpoints(out, prefix).resume_tag(policy, key, rank)
     if tag is None:
         return None
-    path = os.path.join(out, tag, "train_state.json")
+    path = join(out, tag, "train_state.json")
     try:
-        with open(path) as f:
-            state = json.loads(f.read())
+        state = json.loads(read_bytes(path))
         plan = DataPlan.from_json(state["data_plan"])
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, NotFoundError) as exc:
         raise CheckpointError(f"{path}: unreadable or without a data plan ({exc}); cannot resume exactly") from exc
     return ResumePoint(tag, plan, state["shape"], state)
 
@@ -61,28 +64,43 @@ def save_prior(path: str, kind: str, shape: dict[str, Any], weights: dict[str, t
     return path
 
 
-def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The one loader of ``model.pt`` for either prior (``kind`` ar or diffusion): (model in eval mode, tokens_meta).
-
-    Loaded with ``weights_only`` (no code runs); a file that is unreadable, not a prior, a prior of the other kind,
-    or whose weights do not fit its recorded shape raises ``InputError`` naming the file."""
-    if not os.path.isfile(path):
-        raise NotFoundError(f"{path}: no such prior weights file")
+def read_weights(path: str, kind: str) -> dict[str, Any]:
+    """The blob of a ``model.pt`` written by ``save_prior`` (priors, and the decoder with kind ``decoder``), after
+    checking it is of ``kind``. Loaded with ``weights_only`` (no code runs); a file that is unreadable, not such a
+    file, or of another kind raises ``InputError`` naming the file and what it is instead."""
+    what = "decoder" if kind == "decoder" else "prior"
+    if not exists(path):
+        raise NotFoundError(f"{path}: no such {what} weights file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many exception types
-        raise InputError(f"{path}: cannot read prior weights ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: cannot read {what} weights ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:
-        raise InputError(f"{path}: not a prior model.pt (no shape / state_dict)")
+        raise InputError(f"{path}: not a prior or decoder model.pt (no shape / state_dict)")
     got = blob.get("kind") or ("dvae" if "n_hid" in blob["shape"] else "ar")  # older files: recognise by shape
     if got == "dvae":
         raise InputError(f"{path}: a dVAE checkpoint (dvae.pt), not a prior's model.pt; give the prior's weights "
                          "(<prior>/model.pt or a checkpoint folder <prior>/stepNNNNNNNN)")
-    if got != kind:
-        if got == "diffusion":
-            raise InputError(f"{path}: a 'diffusion' prior (it predicts CLIP image embeddings, DALL-E 2's); "
-                             "sampling images needs the autoregressive prior (prior.kind=ar, <run_dir>/prior)")
-        raise InputError(f"{path}: not a {kind} prior (kind={got!r})")
+    if got == kind:
+        return blob
+    if kind == "decoder":
+        raise InputError(f"{path}: a {got!r} prior's weights, not a decoder's; give DALL-E 2's decoder "
+                         "(<run_dir>/decoder/model.pt, sample.decoder_checkpoint)")
+    if got == "decoder":
+        raise InputError(f"{path}: DALL-E 2's decoder (CLIP image embedding → pixels), not a {kind} prior; give "
+                         "the prior's model.pt (<run_dir>/prior or prior_diffusion)")
+    if got == "diffusion":
+        raise InputError(f"{path}: a 'diffusion' prior (it predicts CLIP image embeddings, DALL-E 2's); "
+                         "sampling images needs the autoregressive prior (prior.kind=ar, <run_dir>/prior)")
+    raise InputError(f"{path}: not a {kind} prior (kind={got!r})")
+
+
+def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The one loader of ``model.pt`` for either prior (``kind`` ar or diffusion): (model in eval mode, tokens_meta).
+
+    A file that is unreadable, not a prior, a prior of the other kind, a decoder, or whose weights do not fit its
+    recorded shape raises ``InputError`` naming the file."""
+    blob = read_weights(path, kind)
     model_cls, shape_cls = KINDS[kind]
     try:
         model = model_cls(shape_cls(**blob["shape"]))
@@ -94,7 +112,7 @@ def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def write_weights(engine, zero_stage: int, shape: Any, meta: dict[str, Any], steps: int, path: str,
-                  ema: Any = None) -> None:
+                  ema: Any = None, kind: str | None = None) -> None:
     """Consolidated fp32 weights (gathered from ZeRO-3 shards when needed) that load without DeepSpeed; for the
     diffusion prior the EMA weights, which sampling uses."""
     state = ds_seam.consolidated_state_dict(engine, zero_stage)
@@ -102,7 +120,7 @@ def write_weights(engine, zero_stage: int, shape: Any, meta: dict[str, Any], ste
         return
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     ema_weights = None if ema is None else with_ema(weights, dict(ema.module.named_buffers()))
-    kind = "diffusion" if isinstance(shape, DiffusionShape) else "ar"
+    kind = kind or ("diffusion" if isinstance(shape, DiffusionShape) else "ar")
     save_prior(path, kind, asdict(shape), weights, meta, steps, ema_weights)
 
 
@@ -114,7 +132,7 @@ def export_weights(out: str, tag: str | None = None) -> str:
     if tag is None:
         raise CheckpointError(f"{out}: no complete checkpoint to export")
     ckpts.verify(tag)
-    tag_dir = os.path.join(out, tag)
+    tag_dir = local_copy(ckpts.path(tag))  # DeepSpeed's consolidation reads a local folder
     try:
         state = json.loads(open(os.path.join(tag_dir, "train_state.json")).read())
         stage = json.loads(open(os.path.join(tag_dir, "ds_config.json")).read())["zero_optimization"]["stage"]
@@ -124,10 +142,10 @@ def export_weights(out: str, tag: str | None = None) -> str:
         module = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                             weights_only=False)["module"]
     else:  # ZeRO 1-3: DeepSpeed's own offline consolidation of the fp32 partitions
-        module = ds_seam.fp32_state_dict_from_checkpoint(out, tag)
+        module = ds_seam.fp32_state_dict_from_checkpoint(os.path.dirname(tag_dir), os.path.basename(tag_dir))
     weights = {k.removeprefix("model."): v.float() for k, v in module.items()}
     ema = _saved_ema(tag_dir)  # the diffusion prior samples with its EMA weights
-    return save_prior(os.path.join(tag_dir, "model.pt"), state.get("kind", "ar"), state["shape"], weights,
+    return save_prior(ckpts.path(tag, "model.pt"), state.get("kind", "ar"), state["shape"], weights,
                       state["data_plan"]["meta"], state["step"], None if ema is None else with_ema(weights, ema))
 
 

@@ -8,14 +8,14 @@ dimension has about unit variance like the Gaussian noise they are mixed with (a
 
 Training: ``loss_parts`` (MSE on x0, cosine noise schedule, conditioning dropout to a learned null text embedding).
 Sampling: ``sample`` with DDPM (ancestral, respaced) or DDIM, classifier-free guidance, and best-of-k candidates by
-cosine to the text embedding. ``EMA`` keeps an exponential moving average of the weights as module buffers.
+cosine to the text embedding. The schedule, the reverse chain and the weights' EMA are ``pipeline.training``'s,
+shared with the decoder.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.prior.transformer import empty_captions
+from pipeline.training.diffusion import (
+    SAMPLERS,
+    alphas_cumprod,
+    cosine_betas,
+    reverse_diffusion,
+    scaled,
+    timestep_features,
+)
+from pipeline.training.ema import EMA
 
-SAMPLERS = ("ddim", "ddpm")
+# The schedule, the chain and the EMA are shared with the decoder (pipeline.training); re-exported for callers here.
+__all__ = ["EMA", "SAMPLERS", "DiffusionPrior", "DiffusionShape", "cosine_betas", "empty_caption", "scaled",
+           "timestep_features"]
 N_EXTRA = 4  # sequence slots after the caption: text embedding, timestep, noised embedding, query
 empty_caption = empty_captions  # the diffusion prior uses the same per-position pads as the DALL-E 1 prior
 
@@ -52,34 +63,6 @@ class DiffusionShape:
     @property
     def seq_len(self) -> int:
         return self.text_len + N_EXTRA
-
-
-def cosine_betas(timesteps: int, s: float = 0.008) -> torch.Tensor:
-    """Nichol & Dhariwal (2021): ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2) / ᾱ(0); β_t = 1 − ᾱ_t/ᾱ_{t−1}, clipped to
-    0.999 so the last steps stay invertible. float64: ᾱ near the ends needs the precision."""
-    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
-    acp = torch.cos((x / timesteps + s) / (1 + s) * math.pi / 2) ** 2
-    acp = acp / acp[0]
-    return (1 - acp[1:] / acp[:-1]).clamp(0.0, 0.999)
-
-
-@lru_cache(maxsize=8)
-def _alphas_cumprod(timesteps: int) -> torch.Tensor:
-    # Kept off the module (no buffer): a bf16/fp16 engine casts buffers, and ᾱ close to 1 would round to 1.
-    return torch.cumprod(1 - cosine_betas(timesteps), dim=0)
-
-
-def scaled(emb: torch.Tensor) -> torch.Tensor:
-    """Raw CLIP embeddings (any scale, any float dtype) → float32, l2-normalised, × sqrt(D)."""
-    return F.normalize(emb.float(), dim=-1) * math.sqrt(emb.shape[-1])
-
-
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer-style sinusoidal features of integer timesteps, (B,) → (B, dim) float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return F.pad(torch.cat([args.sin(), args.cos()], dim=-1), (0, dim - 2 * half))
 
 
 class Block(nn.Module):
@@ -182,7 +165,7 @@ class DiffusionPrior(nn.Module):
         cond = torch.where(v, scaled(text_emb), 0.0)
         text = torch.where(v, text, empty_captions(1, s.text_len, s.text_vocab, dev))
         t, noise, drop = self._draw(B, cond_drop, generator, dev)
-        a = _alphas_cumprod(s.timesteps).float().to(dev)[t][:, None]  # float32: no float64 on some devices
+        a = alphas_cumprod(s.timesteps).float().to(dev)[t][:, None]  # float32: no float64 on some devices
         pred = self(text, cond, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, drop).float()
         n = valid.sum()
         # No branch on "any valid row": an all-invalid batch gives an exact 0 whose backward still runs.
@@ -203,23 +186,14 @@ class DiffusionPrior(nn.Module):
 
     def _sample_loop(self, text: torch.Tensor, cond: torch.Tensor, steps: int, sampler: str, guidance_scale: float,
                      eta: float, generator: torch.Generator | None, renorm_x0: bool) -> torch.Tensor:
-        """Reverse diffusion over ``steps`` timesteps evenly strided from T−1 down to 0 (a respaced schedule)."""
+        """Reverse diffusion (``pipeline.training.diffusion``) from noise to an x0 prediction, (B, D)."""
         B, D, dev = text.shape[0], self.shape.embed_dim, text.device
-        g = generator.device if generator is not None else torch.device("cpu")
-        acp = _alphas_cumprod(self.shape.timesteps)
-        times = torch.linspace(self.shape.timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        x = torch.randn(B, D, generator=generator, device=g).to(dev)
-        for i, t in enumerate(times):
+
+        def x0_of(x: torch.Tensor, t: int) -> torch.Tensor:
             x0 = self._guided_x0(text, cond, x, torch.full((B,), t, device=dev), guidance_scale)
-            if renorm_x0:
-                x0 = F.normalize(x0, dim=-1) * math.sqrt(D)
-            if i + 1 < len(times):  # the last step returns its x0 prediction itself
-                a_t, a_prev = float(acp[t]), float(acp[times[i + 1]])
-                # Both samplers draw the same noise sequence, so DDPM equals DDIM at eta=1 step for step.
-                stochastic = sampler == "ddpm" or eta > 0
-                noise = torch.randn(B, D, generator=generator, device=g).to(dev) if stochastic else 0.0
-                x = (_ddpm_step if sampler == "ddpm" else _ddim_step)(x, x0, noise, a_t, a_prev, eta)
-        return x0
+            return F.normalize(x0, dim=-1) * math.sqrt(D) if renorm_x0 else x0
+
+        return reverse_diffusion((B, D), x0_of, self.shape.timesteps, steps, sampler, eta, generator, dev)
 
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_emb: torch.Tensor, steps: int = 64, sampler: str = "ddim",
@@ -254,80 +228,3 @@ class DiffusionPrior(nn.Module):
         score = (out * F.normalize(cond, dim=-1)).sum(-1).view(B, k)
         return out.view(B, k, -1)[torch.arange(B, device=out.device), score.argmax(dim=1)]
 
-
-def _ddpm_step(x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | float, a_t: float, a_prev: float,
-               eta: float) -> torch.Tensor:
-    """Ancestral step: a sample of q(x_prev | x_t, x0), the posterior of the respaced chain (β = 1 − ᾱ_t/ᾱ_prev)."""
-    beta = 1 - a_t / a_prev
-    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
-    return mean + math.sqrt(beta * (1 - a_prev) / (1 - a_t)) * noise
-
-
-def _ddim_step(x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | float, a_t: float, a_prev: float,
-               eta: float) -> torch.Tensor:
-    """DDIM (Song et al. 2021): re-noise x0 toward ᾱ_prev along the implied ε; eta = 0 is deterministic."""
-    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    return math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps + sigma * noise
-
-
-class EMA:
-    """Exponential moving average of a module's parameters, kept as BUFFERS of a small nn.Module (``EMA.module``)
-    so a training engine checkpoints it with the model state (DeepSpeed saves buffers; it must not see them as
-    parameters). The average is float32 whatever the parameters' dtype: a 0.999 lerp in half precision would lose
-    most updates to rounding. Buffer names are parameter names with '.' → '__'."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay: must be in [0, 1), got {decay}")
-        self.decay, self.warmup = decay, warmup
-        self.names = [n for n, _ in model.named_parameters()]
-        self.module = nn.Module()
-        for name, p in model.named_parameters():
-            key = name.replace(".", "__")
-            if hasattr(self.module, key) or key == "num_updates":
-                raise ValueError(f"EMA: parameter name {name!r} collides with another buffer name")
-            self.module.register_buffer(key, p.detach().float().clone())
-        self.module.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = dict(model.named_parameters())
-        if list(params) != self.names:
-            raise ValueError("EMA: the model's parameters differ from the ones the EMA was built from")
-        return [p.detach() for p in params.values()], [getattr(self.module, n.replace(".", "__")) for n in self.names]
-
-    def current_decay(self) -> float:
-        n = int(self.module.num_updates)
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """ema ← d · ema + (1 − d) · param, d = ``current_decay()`` (warm-up counts the updates before this one)."""
-        params, bufs = self._pairs(model)
-        if params and bufs[0].device != params[0].device:
-            self.module.to(params[0].device)  # the model moved (e.g. to the GPU) after the EMA was built
-            params, bufs = self._pairs(model)
-        d = self.current_decay()
-        torch._foreach_lerp_(bufs, [p.to(b.dtype) for p, b in zip(params, bufs)], 1.0 - d)
-        self.module.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for p, b in zip(*self._pairs(model)):
-            p.copy_(b)
-
-    def state_dict_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """``model.state_dict()`` with EMA weights in place of the parameters (each in its parameter's dtype and
-        device), for ``model.load_state_dict(..., strict=True)``. If ``EMA.module`` is attached to ``model`` (so the
-        engine saves it), its own buffers are left out: a fresh model has no such keys."""
-        own = {id(b) for b in self.module.buffers()}
-        params = dict(model.named_parameters())
-        out: dict[str, torch.Tensor] = {}
-        for key, value in model.state_dict(keep_vars=True).items():
-            if id(value) in own:
-                continue
-            if key in params:
-                out[key] = getattr(self.module, key.replace(".", "__")).to(value.device, value.dtype).clone()
-            else:
-                out[key] = value.detach().clone()
-        return out

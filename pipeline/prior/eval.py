@@ -8,7 +8,11 @@ Figures, each next to the baseline it must beat:
   embedding with the true image embedding (the "do nothing" prior), and against an unconditional prediction
   (guidance_scale 0: the prior without its caption);
 * retrieval: recall@1 / recall@k of the true image among the dataset's images nearest to the prediction, against the
-  same for the text embedding; chance is k / index size.
+  same for the text embedding; chance is k / index size;
+* what was retrieved (``score_retrievals``): the nearest image to the prediction, to the text embedding and a random
+  dataset image, each scored by CLIP similarity to the caption and (embedded dataset) by the colour, shape, position
+  and background read from its pixels, beside each attribute's chance level. On a set where many images are
+  identical renders of one caption, exact-image recall cannot separate a prior from its text baseline; these can.
 
 Writes ``<prior>/eval/eval.json`` and ``retrieval.png`` (captions beside their nearest dataset images, truth outlined).
 """
@@ -19,7 +23,6 @@ import json
 import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +33,7 @@ from pipeline.errors import DataError, InputError, NotFoundError
 from pipeline.prior.rows import heldout_mask  # the training loader's split, shared
 from pipeline.storage import commit, schema, shards
 from pipeline.storage.commit import atomic_output
+from pipeline.storage.urls import exists, join
 
 Predict = Callable[[list[str], np.ndarray, np.ndarray, float], np.ndarray]
 CELL, PAD, LABEL_W = 96, 4, 260  # displayed pixels per image, gap, caption panel width
@@ -115,8 +119,8 @@ def read_columns(folder: str, columns: list[str]) -> tuple[Any, dict[str, Any]]:
     """``schema.read_token_shards`` after checking, from each committed shard's footer, that it has ``columns``
     (pyarrow's own error would not say which shard, nor that the token stage was too old)."""
     fs, path = commit.fs_and_path(folder)
-    for shard_id in commit.committed_shards(fs, path):
-        p = f"{path}/{shard_id:05d}.parquet"
+    for shard_id, manifest in commit.committed_shards(fs, path).items():
+        p = commit.shard_file(path, shard_id, ".parquet", manifest)
         with fs.open(p, "rb") as f:
             missing = [c for c in columns if c not in pq.ParquetFile(f).schema_arrow.names]
         if missing:
@@ -157,8 +161,7 @@ def retrieval_grid(captions: Sequence[str], neighbours: Sequence[Sequence[str]],
             grid.paste(_draw_tile(images.get(key), key, font), (x, y))
             if truth is not None and key == truth[r]:
                 draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], outline=(0, 200, 0), width=3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as f:
+    with atomic_output(path) as f:  # a local path or the run's storage
         grid.save(f, format="PNG")
     return path
 
@@ -190,7 +193,7 @@ def evaluate_predictions(keys: Sequence[str], captions: Sequence[str], pred: np.
     return out
 
 
-def _load_images(folder: str, size: int, wanted: set[str]) -> dict[str, np.ndarray]:
+def load_images(folder: str, size: int, wanted: set[str]) -> dict[str, np.ndarray]:
     """Decoded images for ``wanted`` keys. Same reading path as ``shards.iter_images``, but only the wanted samples
     are decoded and reading stops once all are found: a grid needs ~48 images, not the whole dataset decoded."""
     found: dict[str, np.ndarray] = {}
@@ -203,12 +206,30 @@ def _load_images(folder: str, size: int, wanted: set[str]) -> dict[str, np.ndarr
     return found
 
 
+def score_retrievals(picks: Mapping[str, Sequence[str]], captions: Sequence[str], text: np.ndarray,
+                     images: Mapping[str, np.ndarray], emb: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Per source (the prior's nearest image, the text embedding's, a random one): CLIP similarity of the picked
+    image's stored embedding to the caption's, and the attributes read from its pixels against the caption
+    (``synth.score_attributes``, embedded dataset). Exact-image recall cannot tell these apart on a set where many
+    images are identical renders of one caption; attributes and CLIP similarity can."""
+    from pipeline.demo import synth
+
+    t = _unit(text, "text")
+    out: dict[str, Any] = {}
+    for source, keys in picks.items():
+        got = [(i, k) for i, k in enumerate(keys) if k in images]  # an image missing from the shards is not scored
+        cos = [float(_unit(emb[k][None], k)[0] @ t[i]) for i, k in got]
+        out[source] = {"clip_to_caption": float(np.mean(cos)) if cos else None, "missing_images": len(keys) - len(got),
+                       "pixels": synth.score_attributes([images[k] for _, k in got], [captions[i] for i, _ in got])}
+    return out
+
+
 def _model_predict(cfg: Any, meta: dict[str, Any], embed_dim: int, folder: str) -> tuple[Predict, dict[str, Any], Any]:
     """``predict`` from ``<prior>/model.pt``: DDIM sampling, generator seeded with cfg.seed for repeatable figures."""
     import torch
 
-    ckpt = Path(cfg.path("prior")) / "model.pt"
-    if not ckpt.exists():
+    ckpt = join(cfg.path("prior"), "model.pt")
+    if not exists(ckpt):
         raise NotFoundError(f"{ckpt}: no diffusion prior to evaluate (train it, then export model.pt)")
     from pipeline.prior.checkpoints import load_prior
 
@@ -277,31 +298,39 @@ def eval_prior(cfg: Any, predict: Predict | None = None, limit: int = 256) -> di
     index = RetrievalIndex._from_arrays(keys, img_all)
     figures = evaluate_predictions(ev_keys, captions, pred, true, text, uncond, index, k=GRID_K)
     neighbours = figures.pop("neighbours")
-    out = Path(cfg.path("prior")) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = join(cfg.path("prior"), "eval")
     n = min(GRID_CAPTIONS, len(rows))
     wanted = {key for nb in neighbours[:n] for key in nb}  # the truth is drawn only when it was retrieved
     size = int((meta.get("preprocess") or {}).get("image_size") or cfg.download.image_size)
     images_folder = cfg.path("images")
-    images = _load_images(images_folder, size, wanted)
-    png = retrieval_grid(captions[:n], neighbours[:n], images, str(out / "retrieval.png"), truth=ev_keys[:n])
+    rng = np.random.default_rng(cfg.seed)  # the random-image baseline: dataset rows drawn with the run's seed
+    picks = {"prior": [nb[0] for nb in neighbours], "text": [nb[0] for nb in index.search(text, 1)[0]],
+             "random": [index.keys[i] for i in rng.integers(0, len(index), len(rows))]}
+    images = load_images(images_folder, size, wanted | {k for p in picks.values() for k in p})
+    figures["retrieved"] = score_retrievals(picks, captions, text, images, dict(zip(keys, img_all)))
+    png = retrieval_grid(captions[:n], neighbours[:n], images, join(out, "retrieval.png"), truth=ev_keys[:n])
     result = {**figures, **info, "heldout_percent": percent, "heldout_rows": int(held.size),
               "heldout_bad_embeddings": int((~good).sum()), "evaluated": len(rows), "limit": limit,
               "guidance_scale": scale, "embed_dim": embed_dim, "index_skipped": index.skipped, "tokens": folder,
               "images": images_folder, "image_size": size, "missing_images": sorted(wanted - set(images)),
               "examples": [{"key": key, "caption": c, "neighbours": nb}
                            for key, c, nb in zip(ev_keys[:n], captions[:n], neighbours[:n])],
-              "retrieval_png": png, "eval_json": str(out / "eval.json"), "seconds": round(time.time() - t0, 2)}
-    commit.atomic_write(*commit.fs_and_path(str(out / "eval.json")), json.dumps(result, indent=1).encode())
+              "retrieval_png": png, "eval_json": join(out, "eval.json"), "seconds": round(time.time() - t0, 2)}
+    commit.atomic_write(*commit.fs_and_path(join(out, "eval.json")), json.dumps(result, indent=1).encode())
     return result
 
 
-HEADLINE = ("cos_", "recall", "text_recall", "uncond_recall")
+HEADLINE = ("cos_", "recall", "text_recall", "uncond_recall", "retrieved_")
 
 
 def eval_prior_summary(cfg: Any) -> dict[str, Any]:
     """``eval_prior`` on ``prior.eval_rows`` held-out rows, cut to its headline figures and where the full result
     (``eval.json``) and the retrieval grid are."""
     result = eval_prior(cfg, limit=cfg.prior.eval_rows)
+    for source, sc in result["retrieved"].items():  # flat headline figures: CLIP and all four attributes per source
+        result[f"retrieved_{source}_clip"] = sc["clip_to_caption"]
+        if sc["pixels"].get("scored"):
+            result[f"retrieved_{source}_all_match"] = sc["pixels"]["all_match"]
+            result["retrieved_all_chance"] = sc["pixels"]["all_chance"]
     keep = ("beats_text_baseline", "evaluated", "index_rows", "chance_recall_at_k", "eval_json", "retrieval_png")
     return {k: v for k, v in result.items() if k.startswith(HEADLINE) or k in keep}

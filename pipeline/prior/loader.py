@@ -4,10 +4,14 @@ Why not load everything: the token set outgrows one host's memory long before it
 rank re-reading all of it wastes the object store. So each rank reads only Parquet row groups it trains on, a few
 windows ahead of need, and the order is a pure function of (plan, seed, world, micro_batch, shuffle_buffer).
 
-* Plan. ``make_plan`` freezes, at training start, the committed shards (``{id:05d}.done.json`` present; an unmarked
+* Plan. ``make_plan`` (``pipeline.prior.plan``) freezes, at training start, the committed shards
+  (``{id:05d}.done.json`` present; an unmarked
   Parquet file may be half written and is never read) and their row-group row counts, from Parquet footers alone.
   The plan travels with checkpoints; a resume runs ``check_plan`` so a changed dataset is refused instead of silently
   reshuffling. Shards committed later are not in the plan: the stream of a running job never shifts under it.
+* Filter. With ``prior.filter`` (a SQL condition, ``pipeline.curate.filter``) the plan also freezes, per shard, a
+  bitmap of the rows it keeps and the kept/dropped counts per clause; units then count and yield only kept rows (a
+  unit keeping none is dropped), so the deal, the windows and resume below are over the kept rows alone.
 * Units. Each row group is cut into contiguous slices of at most ``unit_rows`` rows, (shard, row group, start, stop):
   small enough to balance ranks, large enough that a read is one Parquet column chunk per column, not random rows.
 * Epoch e. The unit list is permuted with ``default_rng(SeedSequence([seed, e]))`` and dealt round-robin to ranks, so
@@ -32,143 +36,23 @@ windows ahead of need, and the order is a pure function of (plan, seed, world, m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import queue
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.prior.plan import DataPlan, check_plan, make_plan
 from pipeline.prior.rows import EMBED_COLUMNS, TOKEN_COLUMNS, DataError, RowGroup, heldout_mask, pad_tokens
 from pipeline.storage import commit, schema
 
 __all__ = ["Batch", "DataError", "DataPlan", "TokenLoader", "check_plan", "heldout_mask", "make_plan", "pad_tokens"]
-_FOOTER_THREADS = 16  # footers are tiny; on S3 their latency, not bandwidth, dominates plan time
-
-
-@dataclass
-class DataPlan:
-    folder: str  # the tokens folder URL as given (local path or s3://...)
-    shards: list[dict]  # [{"path": filesystem path, "shard": id, "row_groups": [rows per row group]}], id order
-    meta: dict  # the SHARED_META fields every shard agrees on
-    unit_rows: int
-
-    @property
-    def num_rows(self) -> int:
-        return sum(sum(s["row_groups"]) for s in self.shards)
-
-    def fingerprint(self) -> str:
-        doc = [[s["path"], list(s["row_groups"])] for s in self.shards]
-        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
-
-    def to_json(self) -> dict:
-        return {"folder": self.folder, "shards": self.shards, "meta": self.meta, "unit_rows": self.unit_rows,
-                "fingerprint": self.fingerprint()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> DataPlan:
-        plan = cls(folder=d["folder"], shards=[dict(s, row_groups=[int(n) for n in s["row_groups"]])
-                                               for s in d["shards"]], meta=d["meta"], unit_rows=int(d["unit_rows"]))
-        if "fingerprint" in d and d["fingerprint"] != plan.fingerprint():
-            raise DataError(f"{plan.folder}: recorded data plan does not match its fingerprint (edited?)")
-        return plan
-
-
-def _token_types_problem(sch: pa.Schema) -> str | None:
-    checks = {"key": pa.types.is_string,
-              "text_tokens": lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type),
-              "image_tokens": lambda t: pa.types.is_fixed_size_list(t) and pa.types.is_integer(t.value_type)}
-    for name, ok in checks.items():
-        i = sch.get_field_index(name)
-        if i < 0 or not ok(sch.field(i).type):
-            return f"column {name} missing or of type {sch.field(i).type if i >= 0 else None}"
-    return None
-
-
-def _footer(fs: Any, path: str, manifest: dict) -> tuple[list[int], dict, dict]:
-    """Row-group row counts, shared metadata and the marker check (size, footer sha256) of one committed shard,
-    from its Parquet footer alone."""
-    try:
-        check = schema.verify_token_shard(fs, path, manifest)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            md, sch = pf.metadata, pf.schema_arrow
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: shard file missing although committed") from e
-    except pa.ArrowException as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-    raw = (sch.metadata or {}).get(schema.META_KEY)
-    problem = _token_types_problem(sch) if raw is not None else f"no {schema.META_KEY.decode()} metadata"
-    if problem:
-        raise DataError(f"{path}: not a token shard ({problem})")
-    try:
-        meta = json.loads(raw)
-    except ValueError as e:
-        raise DataError(f"{path}: not a token shard (unreadable {schema.META_KEY.decode()} metadata: {e})") from e
-    width, grid = sch.field("image_tokens").type.list_size, int(meta.get("grid") or 0)
-    if width != grid * grid:
-        raise DataError(f"{path}: image_tokens rows hold {width} tokens but metadata grid {grid} means {grid * grid}")
-    rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-    return rows, {k: meta.get(k) for k in schema.SHARED_META}, check
-
-
-def _footers(fs: Any, paths: list[str], manifests: list[dict]) -> list[tuple[list[int], dict, dict]]:
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(paths)))) as pool:
-        return list(pool.map(lambda pm: _footer(fs, *pm), zip(paths, manifests)))  # first failure, in shard order
-
-
-def _check_agrees(path: str, meta: dict, ref_name: str, ref: dict) -> None:
-    diff = [k for k in schema.SHARED_META if meta.get(k) != ref.get(k)]
-    if diff:
-        raise DataError(f"{path}: metadata {diff} disagrees with {ref_name}; refusing to mix token shards")
-
-
-def make_plan(folder: str, unit_rows: int) -> DataPlan:
-    """Freeze the committed shards of ``folder`` and their row-group row counts (footers only)."""
-    if unit_rows < 1:
-        raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
-    fs, path = commit.fs_and_path(folder)
-    committed = commit.committed_shards(fs, path)
-    ids = list(committed)
-    if not ids:
-        raise DataError(f"{folder}: no committed token shards")
-    paths = [f"{path}/{i:05d}.parquet" for i in ids]
-    footers = _footers(fs, paths, [committed[i] for i in ids])  # each checked against its marker
-    for p, (_, meta, _) in zip(paths, footers):
-        _check_agrees(p, meta, paths[0], footers[0][1])
-    shards = [{"path": p, "shard": i, "row_groups": rows, **check}
-              for p, i, (rows, _, check) in zip(paths, ids, footers)]
-    return DataPlan(folder=folder, shards=shards, meta=footers[0][1], unit_rows=unit_rows)
-
-
-def check_plan(plan: DataPlan) -> None:
-    """On resume: each planned shard still exists, is committed, agrees with the plan's metadata and row counts."""
-    fs, path = commit.fs_and_path(plan.folder)
-    committed = commit.committed_shards(fs, path)
-    for s in plan.shards:
-        if s["shard"] not in committed:
-            raise DataError(f"{s['path']}: in the training plan but no longer committed (its marker is gone)")
-    found = _footers(fs, [s["path"] for s in plan.shards], [committed[s["shard"]] for s in plan.shards])
-    for s, (rows, meta, check) in zip(plan.shards, found):
-        if s.get("footer_sha256") and check["footer_sha256"] != s["footer_sha256"]:  # marker rewritten with it
-            raise DataError(f"{s['path']}: rewritten since the plan was made (its Parquet footer changed); resume "
-                            "with the data the checkpoint was trained on, or train into a new prior.output")
-        if rows != list(s["row_groups"]):
-            bad = next((i for i, (a, b) in enumerate(zip(rows, s["row_groups"])) if a != b),
-                       min(len(rows), len(s["row_groups"])))
-            raise DataError(f"{s['path']}: rewritten since the plan was made: {len(rows)} row groups / {sum(rows)} "
-                            f"rows (first difference at row group {bad}), the plan recorded "
-                            f"{len(s['row_groups'])} / {sum(s['row_groups'])}")
-        _check_agrees(s["path"], meta, "the training plan", plan.meta)
 
 
 @dataclass
@@ -180,6 +64,7 @@ class Batch:
     text_emb: torch.Tensor | None = None  # (B, D) float32 CLIP text embeddings, when the loader reads embeddings
     image_emb: torch.Tensor | None = None  # (B, D) float32 CLIP image embeddings
     valid: torch.Tensor | None = None  # (B,) bool: usable embeddings and not held out; the loss skips the rest
+    shards: list[int] | None = None  # the token shard each row came from (a join by key with its image shard)
 
 
 @dataclass
@@ -199,6 +84,7 @@ class _Window:
     text: np.ndarray  # (n, text_len) int64, padded
     image: np.ndarray  # (n, grid²) uint16
     extras: dict[str, np.ndarray]  # text_emb, image_emb, valid when embeddings are read
+    shards: np.ndarray  # (n,) int64 token shard id of each row
 
 
 def _unit_table(plan: DataPlan) -> np.ndarray:
@@ -210,6 +96,23 @@ def _unit_table(plan: DataPlan) -> np.ndarray:
     per = -(-n // plan.unit_rows)  # units per row group; vectorised because big sets have ~1e6 row groups
     lo = (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)) * plan.unit_rows
     return np.stack([np.repeat(si, per), np.repeat(rg, per), lo, np.minimum(lo + plan.unit_rows, np.repeat(n, per))], 1)
+
+
+def _kept_units(units: np.ndarray, plan: DataPlan, masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The units that keep at least one row, each with its kept-row count, and the shard row where each unit's row
+    group starts (to find its rows in the shard's mask)."""
+    base = np.zeros(len(units), np.int64)
+    kept = np.zeros(len(units), np.int64)
+    for si, s in enumerate(plan.shards):
+        sel = units[:, 0] == si
+        if not sel.any():
+            continue
+        offsets = np.concatenate([[0], np.cumsum(s["row_groups"])])
+        cum = np.concatenate([[0], np.cumsum(masks[si], dtype=np.int64)])
+        b = offsets[units[sel, 1]]
+        base[sel] = b
+        kept[sel] = cum[b + units[sel, 3]] - cum[b + units[sel, 2]]
+    return units[kept > 0], np.stack([base[kept > 0], kept[kept > 0]], 1)
 
 
 def _window_bounds(sizes: np.ndarray, buffer: int) -> np.ndarray:
@@ -228,7 +131,8 @@ class TokenLoader:
 
     def __init__(self, plan: DataPlan, *, rank: int, world: int, micro_batch: int, text_len: int, seed: int,
                  shuffle_buffer: int, prefetch: int = 2, expect_grid: int | None = None, embeddings: bool = False,
-                 heldout_percent: float = 0.0):
+                 heldout_percent: float = 0.0, embed_columns: tuple[str, ...] = tuple(EMBED_COLUMNS),
+                 needs: str = "the diffusion prior trains on CLIP embeddings"):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world {world}")
         for name, v in (("micro_batch", micro_batch), ("text_len", text_len), ("shuffle_buffer", shuffle_buffer),
@@ -247,6 +151,10 @@ class TokenLoader:
         self._fs, _ = commit.fs_and_path(plan.folder)
         self._units = _unit_table(plan)
         self._sizes = self._units[:, 3] - self._units[:, 2]
+        self._masks = plan.masks()  # the filter's kept rows: units hold only those, and count only those
+        if self._masks is not None:
+            self._units, kept = _kept_units(self._units, plan, self._masks)
+            self._mask_base, self._sizes = kept[:, 0], kept[:, 1]
         self._lock = threading.RLock()  # the consumer and the prefetch thread share caches
         self._deals: OrderedDict[int, _Deal] = OrderedDict()
         self._ends: list[int] = []  # _ends[e]: first global step after epoch e
@@ -255,7 +163,9 @@ class TokenLoader:
         self.row_groups_read = 0  # a counter for tests and benchmarks
         self.embed_dim = int(plan.meta["embed_dim"]) if embeddings else 0
         self.heldout_percent = heldout_percent
-        self.columns = TOKEN_COLUMNS + (EMBED_COLUMNS if embeddings else [])
+        self.embed_columns, self.needs = list(embed_columns) if embeddings else [], needs  # needs: says who wants them
+        tokens = TOKEN_COLUMNS if self.grid else [c for c in TOKEN_COLUMNS if c != "image_tokens"]  # 0: imported
+        self.columns = tokens + self.embed_columns
         self.unusable_rows = 0  # rows read whose embeddings were NaN/inf/zero (masked out of the loss)
         self.steps_per_epoch = self._deal(0).steps
 
@@ -296,6 +206,37 @@ class TokenLoader:
             epoch = bisect_right(self._ends, step)
         return epoch, step - (self._ends[epoch - 1] if epoch else 0)
 
+    def first_step(self, shard_index: int, row: int, until: int) -> int | None:
+        """The first loader step below ``until`` whose batch on this rank holds row ``row`` of planned shard
+        ``shard_index`` (None: not before then, or the filter dropped it): the order above, computed for one row
+        without reading any data (what ``forget`` reports of the checkpoints that consumed a removed row)."""
+        if self._masks is not None and not self._masks[shard_index][row]:
+            return None
+        offsets = np.concatenate([[0], np.cumsum(self.plan.shards[shard_index]["row_groups"])])
+        g = int(np.searchsorted(offsets, row, side="right")) - 1
+        o = row - int(offsets[g])
+        u_ = self._units
+        hit = np.flatnonzero((u_[:, 0] == shard_index) & (u_[:, 1] == g) & (u_[:, 2] <= o) & (u_[:, 3] > o))
+        if not len(hit):
+            return None
+        u, lo = int(hit[0]), int(u_[hit[0], 2])
+        within = o - lo if self._masks is None else int(
+            self._masks[shard_index][self._mask_base[u] + lo: self._mask_base[u] + o].sum())
+        epoch, base = 0, 0
+        while base < until:
+            deal = self._deal(epoch)
+            at = np.flatnonzero(deal.units == u)
+            w = int(np.searchsorted(deal.bounds, at[0], side="right")) - 1 if len(at) else len(deal.bounds)
+            if w < len(deal.bounds) - 1:
+                c = int(self._sizes[deal.units[deal.bounds[w]: at[0]]].sum()) + within
+                n = int(deal.starts[w + 1] - deal.starts[w])
+                perm = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank, w])).permutation(n)
+                k = (int(deal.starts[w]) + int(np.flatnonzero(perm == c)[0])) // self.micro_batch
+                if k < deal.steps and base + k < until:
+                    return base + k
+            base, epoch = base + deal.steps, epoch + 1
+        return None
+
     def position(self, step: int) -> dict:
         epoch, k = self._locate(step)
         starts = self._deal(epoch).starts
@@ -324,7 +265,7 @@ class TokenLoader:
             missing = [c for c in self.columns if c not in pf.schema_arrow.names]
             if missing:
                 raise DataError(f"{path}: no column(s) {', '.join(missing)}"
-                                + ("; the diffusion prior trains on CLIP embeddings" if self.embed_dim else ""))
+                                + (f"; {self.needs}" if self.embed_dim else ""))
             for g in groups:
                 try:
                     table = pf.read_row_group(g, columns=self.columns)
@@ -332,7 +273,7 @@ class TokenLoader:
                     raise DataError(f"{path}: cannot read row group {g} ({e})") from e
                 self.row_groups_read += 1
                 out[g] = RowGroup(table, path, self.grid * self.grid, self.text_vocab, self.image_vocab,
-                                  self.embed_dim, self.heldout_percent)
+                                  self.embed_dim, self.heldout_percent, self.embed_columns)
                 self.unusable_rows += getattr(out[g], "unusable", 0)
         return out
 
@@ -343,18 +284,24 @@ class TokenLoader:
         for shard in np.unique(units[:, 0]):
             wanted = sorted({int(g) for g in units[units[:, 0] == shard, 1]})  # each row group read once per window
             groups |= {(int(shard), g): grp for g, grp in self._read_groups(int(shard), wanted).items()}
-        keys, text, image, extras = [], [], [], {}
-        for s, g, lo, hi in units.tolist():
+        keys, text, image, extras, shard_ids = [], [], [], {}, []
+        bases = self._mask_base[deal.units[deal.bounds[w]: deal.bounds[w + 1]]] if self._masks is not None else None
+        for u, (s, g, lo, hi) in enumerate(units.tolist()):
             grp = groups[(s, g)]
-            keys.append(grp.keys[lo:hi])
-            text.append(pad_tokens(grp.starts[lo:hi], grp.lens[lo:hi], grp.values, self.text_len, self.text_vocab))
-            image.append(grp.image[lo:hi])
+            # the filter's rows of this unit (a plain slice without a filter)
+            rows = slice(lo, hi) if bases is None else lo + np.flatnonzero(
+                self._masks[s][bases[u] + lo: bases[u] + hi])
+            keys.append(grp.keys[rows])
+            shard_ids.append(np.full(len(keys[-1]), int(self.plan.shards[s]["shard"]), np.int64))
+            text.append(pad_tokens(grp.starts[rows], grp.lens[rows], grp.values, self.text_len, self.text_vocab))
+            image.append(grp.image[rows])
             for name, arr in grp.extras.items():
-                extras.setdefault(name, []).append(arr[lo:hi])
+                extras.setdefault(name, []).append(arr[rows])
         n = int(deal.starts[w + 1] - deal.starts[w])
         perm = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank, w])).permutation(n)
         return _Window(epoch, w, np.concatenate(keys)[perm], np.concatenate(text)[perm], np.concatenate(image)[perm],
-                       {name: np.concatenate(parts)[perm] for name, parts in extras.items()})
+                       {name: np.concatenate(parts)[perm] for name, parts in extras.items()},
+                       np.concatenate(shard_ids)[perm])
 
     def _produce(self, start_step: int, q: queue.Queue, stop: threading.Event) -> None:
         def put(item: object) -> bool:
@@ -405,7 +352,8 @@ class TokenLoader:
                 yield Batch(step=step, keys=np.concatenate([p.keys[a:b] for p, a, b in pieces]).tolist(),
                             text=torch.from_numpy(np.concatenate([p.text[a:b] for p, a, b in pieces])),
                             image=torch.from_numpy(np.concatenate([p.image[a:b] for p, a, b in pieces])
-                                                   .astype(np.int64)), **extras)
+                                                   .astype(np.int64)),
+                            shards=np.concatenate([p.shards[a:b] for p, a, b in pieces]).tolist(), **extras)
         finally:
             self._stop(thread, stop)
 

@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.prior.diffusion import EMA, DiffusionPrior, DiffusionShape
+from pipeline.errors import DataError
+from pipeline.prior.diffusion import DiffusionPrior, DiffusionShape
 from pipeline.prior.transformer import DalleTransformer, PriorShape, drop_captions
+from pipeline.training import ema as ema_lib
+from pipeline.training.ema import EMA
 
 
 class ARObjective(nn.Module):
@@ -65,6 +68,11 @@ def prior_shape(cfg: Config, meta: dict[str, Any]) -> PriorShape | DiffusionShap
         return DiffusionShape(text_vocab=int(meta["tokenizer"]["vocab_size"]), text_len=p.text_len,
                               embed_dim=int(meta["embed_dim"]), n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd,
                               dropout=p.dropout, timesteps=p.timesteps)
+    if not int(meta.get("grid") or 0):
+        source = (meta.get("preprocess") or {}).get("imported_from") or "published embeddings"
+        raise DataError(f"{cfg.path('tokens')}: these token shards have no image tokens (imported from {source} by "
+                        "import-embeddings); the autoregressive prior trains on image tokens. Train the diffusion "
+                        "prior on them (prior.kind=diffusion), or tokenize the images")
     attention = tuple(p.layer_attention())
     return PriorShape(text_vocab=int(meta["tokenizer"]["vocab_size"]), text_len=p.text_len,
                       image_vocab=int(meta["dvae"]["vocab_size"]), image_grid=int(meta["grid"]),
@@ -89,13 +97,5 @@ def make_ema(cfg: Config, objective: nn.Module) -> EMA | None:
 
 
 def update_ema(ema: EMA | None, engine, zero_stage: int) -> None:
-    if ema is None:
-        return
-    model = engine.module.model
-    if zero_stage == 3:  # parameters are sharded: gather them for the update (costly, but only diffusion-sized)
-        from pipeline.runtime import ds_seam
-
-        with ds_seam.gathered(list(model.parameters())):
-            ema.update(model)
-    else:
-        ema.update(model)
+    if ema is not None:
+        ema_lib.update_ema(ema, engine.module.model, zero_stage)

@@ -12,7 +12,6 @@ weights ``model.pt`` that sampling loads without DeepSpeed.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, absolute_paths, to_dict
+from pipeline.config import Config, to_dict
+from pipeline.curate.filter import check_columns, check_filter, read_selection, write_selection
 from pipeline.errors import DataError
 from pipeline.prior import metrics as prior_metrics
 from pipeline.prior.checkpoints import ResumePoint, find_resume, write_weights
@@ -30,18 +30,10 @@ from pipeline.prior.objectives import build_objective, make_ema, prior_shape, up
 from pipeline.runtime import ds_seam
 from pipeline.storage.commit import atomic_output
 from pipeline.storage.faults import fault_point
-from pipeline.training import loop
-from pipeline.training.metrics import MetricsLog, plot_loss_curve, read_metrics
-from pipeline.training.ranks import (
-    driver_lease,
-    launch_ranks,
-    rank_lease,
-    rank_main,
-    rng_state,
-    set_rng_state,
-    step_generator,
-    write_resolved_config,
-)
+from pipeline.storage.urls import Workspace, check_writable, exists, join
+from pipeline.training import loop, ranks
+from pipeline.training.metrics import METRICS_FILE, MetricsLog, plot_loss_curve, read_metrics
+from pipeline.training.ranks import rank_lease, rank_main, rng_state, set_rng_state, step_generator
 
 PREFIX = "[train-prior]"
 
@@ -51,30 +43,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def launch(cfg: Config) -> dict[str, Any]:
-    """Train on ``prior.num_procs`` ranks: through the deepspeed launcher, or (``prior.launcher: ray``) on Ray Train
-    workers running the same per-rank ``train``; the run's summary from its metrics."""
+    """Train on ``prior.num_procs`` ranks: through the deepspeed launcher, or on Ray Train workers running the same
+    per-rank ``train`` (``prior.launcher``); the run's summary from its metrics."""
     p, out = cfg.prior, cfg.path("prior")
-    with driver_lease(out, "train-prior") as lease_env:
-        if p.launcher == "ray":
-            from pipeline.runtime import ray_seam
-
-            ray_seam.init_ray(cfg)
-            write_resolved_config(cfg, out)
-            job_cfg = absolute_paths(cfg)
-            ray_seam.train_on_workers(functools.partial(train, job_cfg), p.num_procs,
-                                      use_gpu=ray_seam.cluster_gpus() >= p.num_procs,
-                                      storage_path=os.path.join(job_cfg.run_dir, "ray_train"), name="train-prior",
-                                      env=lease_env)
-        else:
-            launch_ranks("pipeline.prior.train", cfg, out, p.num_procs, PREFIX)
+    check_writable(out, "prior.output")
+    if p.filter:  # an unknown or mismatched column stops here, not after the ranks have started
+        check_columns(cfg.path("tokens"), p.filter, "prior.filter")
+    launcher = ranks.launch(cfg, p, out, "train-prior", "pipeline.prior.train", train, p.num_procs, PREFIX)
     metrics = read_metrics(out)
-    return {"ranks": p.num_procs, "zero_stage": p.zero_stage, "steps": p.steps, "launcher": p.launcher,
+    return {"ranks": p.num_procs, "zero_stage": p.zero_stage, "steps": p.steps, "launcher": launcher,
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
-            "samples_per_s": metrics[-1]["samples_per_s"]}
+            "samples_per_s": metrics[-1]["samples_per_s"], **read_selection(out)}
 
 
 def train(cfg: Config, rank: int, world: int) -> None:
-    os.makedirs(cfg.path("prior"), exist_ok=True)
+    ranks.check_checkpoint_location(cfg.path("prior"), cfg.prior, "prior.output")
     with rank_lease(cfg.path("prior"), "train-prior", rank) as lease_check:
         _train(cfg, rank, world, lease_check)
 
@@ -83,15 +66,18 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
     p, out = cfg.prior, cfg.path("prior")
     torch.manual_seed(cfg.seed)
     resume = find_resume(out, p.resume, rank)  # refuses before any work when the policy and the folder disagree
-    plan = resume.plan if resume else make_plan(cfg.path("tokens"), p.loader_unit_rows)
+    plan = resume.plan if resume else make_plan(cfg.path("tokens"), p.loader_unit_rows, p.filter)
     shape = prior_shape(cfg, plan.meta)
     if resume:
         _check_resume(resume, shape, out)
+        check_filter(resume.plan, p.filter, "prior.filter", f"{out}/{resume.tag}")
+    if rank == 0:
+        write_selection(plan, Workspace(out, rank), PREFIX)
     objective = build_objective(cfg, shape)
     task = PriorTask(cfg, rank, world, objective, shape, plan)
     task.lease_check = lease_check
     start = task.resume(resume) if resume else 0
-    if start >= p.steps and os.path.exists(os.path.join(out, "model.pt")):
+    if start >= p.steps and exists(join(out, "model.pt")):
         if rank == 0:
             print(f"{PREFIX} already trained to step {start}; nothing to do", flush=True)
         return
@@ -102,10 +88,11 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         task.close()
     if rank == 0:
         lease_check()
-    write_weights(task.engine, p.zero_stage, shape, plan.meta, p.steps, os.path.join(out, "model.pt"), task.ema)
+    write_weights(task.engine, p.zero_stage, shape, plan.meta, p.steps, join(out, "model.pt"), task.ema)
     if task.log is not None:
         task.log.close()
-        plot_loss_curve(out)
+        plot_loss_curve(task.ws.local)
+    task.push_logs("loss_curve.png")
 
 
 def _check_resume(resume: ResumePoint, shape: Any, out: str) -> None:
@@ -120,12 +107,17 @@ def _check_resume(resume: ResumePoint, shape: Any, out: str) -> None:
 
 class PriorTask:
     """One optimizer step of either prior on one rank (``gradient_accumulation_steps`` micro-batches), its log
-    record, its checkpoints and the consumed-keys audit."""
+    record, its checkpoints and the consumed-keys audit. The decoder's task (``pipeline.decoder.train``) is this
+    one with its own model, loader and record."""
+
+    prefix = PREFIX  # of console lines (the launcher echoes lines with it)
 
     def __init__(self, cfg: Config, rank: int, world: int, objective: Any, shape: Any, plan: Any):
         p = cfg.prior
         self.cfg, self.p, self.rank, self.world, self.shape, self.plan = cfg, p, rank, world, shape, plan
+        self.kind = p.kind
         self.out, self.gas = cfg.path("prior"), p.gradient_accumulation_steps
+        self.ws = Workspace(self.out, rank)  # where DeepSpeed and the logs write on this node
         self.ema = make_ema(cfg, objective)
         self.ds = ds_seam.build_ds_config(p, world, torch.cuda.is_available())
         self.engine = ds_seam.initialize(objective, self.ds)
@@ -142,22 +134,25 @@ class PriorTask:
 
     def resume(self, resume: ResumePoint) -> int:
         """Load the checkpoint (engine, EMA, this rank's RNG state); the step it reached."""
-        client = ds_seam.load_checkpoint(self.engine, self.out, resume.tag)
+        client = ds_seam.load_checkpoint(self.engine, self.ws, resume.tag)
         if self.ema is not None and "ema" in client:
             self.ema.module.load_state_dict(client["ema"])
-        rng = ds_seam.load_rank_state(self.out, resume.tag, self.rank)
+        rng = ds_seam.load_rank_state(self.ws, resume.tag, self.rank)
         if rng is not None:
             set_rng_state(rng["rng"])
         start = int(client["step"])
         if self.rank == 0:
-            print(f"{PREFIX} resumed from {self.out}/{resume.tag} at step {start}", flush=True)
+            print(f"{self.prefix} resumed from {self.out}/{resume.tag} at step {start}", flush=True)
         return start
 
     def open(self, start: int) -> None:
         if self.rank == 0:
-            self.log = MetricsLog(self.out, self.p.steps, tensorboard=self.p.tensorboard, prefix=PREFIX)
+            self.ws.pull(METRICS_FILE)  # the run's log so far, from its storage
+            self.log = MetricsLog(self.ws.local, self.p.steps, tensorboard=self.p.tensorboard, prefix=self.prefix)
             self.log.truncate_after(start)  # steps past the checkpoint are trained again; log them once
-        self.keys_file = _open_keys(self.out, self.rank, start) if self.p.record_keys else None
+        if self.p.record_keys:
+            self.ws.pull(_keys_name(self.rank))
+            self.keys_file = _open_keys(self.ws.local, self.rank, start)
         self.batches = self.loader.batches(start * self.gas)
 
     def close(self) -> None:
@@ -196,23 +191,35 @@ class PriorTask:
     def after_log(self, done: int) -> None:
         pass
 
-    def save(self, step: int) -> None:
+    def push_logs(self, *extra: str) -> None:
+        """This rank's logs to the run's storage: rank 0's metrics and TensorBoard events, every rank's keys."""
         if self.keys_file is not None:
-            self.keys_file.flush()
+            if not self.keys_file.closed:
+                self.keys_file.flush()
+            self.ws.push(_keys_name(self.rank))
+        if self.rank == 0:  # the log flushes every record
+            self.ws.push(METRICS_FILE, "tensorboard", *extra)
+
+    def save(self, step: int) -> None:
+        self.push_logs()
         state: dict[str, Any] = {"step": step, "seed": self.cfg.seed,
                                  "samples_seen": step * self.p.micro_batch_size * self.world * self.gas}
         files = {"ds_config.json": self.ds, "config.json": to_dict(self.cfg),
-                 "train_state.json": {**state, "kind": self.p.kind, "shape": asdict(self.shape),
+                 "train_state.json": {**state, "kind": self.kind, "shape": asdict(self.shape),
                                       "data_plan": self.plan.to_json(),
                                       "data_position": self.loader.position(step * self.gas)}}
         client = dict(state, ema=self.ema.module.state_dict()) if self.ema is not None else state
-        ds_seam.save_checkpoint(self.engine, self.out, step, client, rank_state={"rng": rng_state()},
+        ds_seam.save_checkpoint(self.engine, self.ws, step, client, rank_state={"rng": rng_state()},
                                 files=files, keep=self.p.keep_checkpoints, before_commit=self.lease_check)
+
+
+def _keys_name(rank: int) -> str:
+    return f"keys.rank{rank}.txt"
 
 
 def _open_keys(out: str, rank: int, start: int):
     """The consumed-keys audit file of this rank, cut back to the steps before ``start`` (they are trained again)."""
-    path = os.path.join(out, f"keys.rank{rank}.txt")
+    path = os.path.join(out, _keys_name(rank))
     kept = []
     if os.path.exists(path):
         # A crash can leave a torn last line; whole lines only, and only steps before the checkpoint.

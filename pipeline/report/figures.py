@@ -64,3 +64,23 @@ def loss_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def variations_grid(inputs: list[np.ndarray], results: list[CaptionSamples], path: str, per_row: int = 6) -> str:
+    """One row per input image: the input (outlined blue), a gap, then its variations best first. Written atomically
+    (a local path or the run's storage)."""
+    from pipeline.storage.commit import atomic_output
+
+    pad, gap = 4, 16
+    k = min(per_row, max(len(r.candidates) for r in results))
+    grid = Image.new("RGB", (pad + CELL + gap + k * (CELL + pad), len(results) * (CELL + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (src, res) in enumerate(zip(inputs, results, strict=True)):
+        y = pad + r * (CELL + pad)
+        grid.paste(_cell(src), (pad, y))
+        draw.rectangle([pad, y, pad + CELL - 1, y + CELL - 1], outline=(40, 90, 230), width=3)
+        for c, img in enumerate(res.candidates[:k]):
+            grid.paste(_cell(img), (pad + CELL + gap + c * (CELL + pad), y))
+    with atomic_output(path) as f:
+        grid.save(f, format="PNG")
+    return path

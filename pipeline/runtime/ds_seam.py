@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from pipeline.config import PriorConfig
+from pipeline.config.engine import EngineConfig
 from pipeline.errors import CheckpointError, ConfigError, RankError, find_rank_error
 from pipeline.storage.checkpoints import Checkpoints, tag_of
-from pipeline.storage.commit import write_text
 from pipeline.storage.faults import fault_point
+from pipeline.storage.urls import Workspace
 
 __all__ = ["CheckpointError"]  # raised here; defined with the other user-facing errors
 
@@ -57,8 +57,9 @@ def ds_config(*, micro_batch_size: int, world_size: int, lr: float, steps: int, 
     return ds
 
 
-def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The prior's ds_config: a pure function of the typed config, then the user's ``prior.ds_config`` JSON on top."""
+def build_ds_config(cfg: EngineConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """A prior's or the decoder's ds_config: a pure function of its typed section, then the user's
+    ``<section>.ds_config`` JSON on top."""
     # ZeRO partitions state over data-parallel ranks; on one rank without offload it only adds buffer copies
     # (1.2-1.3x step time on CPU, benchmarks/bench_train.py), so a single rank runs plain data parallel.
     single = world_size == 1 and cfg.offload_optimizer == "none" and cfg.offload_param == "none"
@@ -91,13 +92,13 @@ def build_ds_config(cfg: PriorConfig, world_size: int, on_gpu: bool) -> dict[str
         with open(cfg.ds_config) as f:
             user = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"prior.ds_config {cfg.ds_config}: not a readable JSON file ({exc})") from exc
+        raise ConfigError(f"{cfg.SECTION}.ds_config {cfg.ds_config}: not a readable JSON file ({exc})") from exc
     if not isinstance(user, dict):
-        raise ConfigError(f"prior.ds_config {cfg.ds_config}: top level must be a JSON object")
+        raise ConfigError(f"{cfg.SECTION}.ds_config {cfg.ds_config}: top level must be a JSON object")
     return merge(built, user)
 
 
-def _schedule(cfg: PriorConfig) -> dict[str, Any]:
+def _schedule(cfg: EngineConfig) -> dict[str, Any]:
     """Linear warm-up, then cosine or linear decay to ``min_lr_ratio`` × lr, or constant."""
     # DeepSpeed refuses a warm-up of 0 steps: at least 1, and never past the last step.
     warmup = max(1, min(cfg.warmup_steps, cfg.steps - 1))
@@ -210,49 +211,70 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(engine, folder: str, step: int, client_state: dict[str, Any],
+_after_commit: list[Callable[[str, str, int], None]] = []  # set by the Ray Train seam: report each commit
+
+
+def on_commit(hook: Callable[[str, str, int], None]) -> None:
+    """Call ``hook(folder, tag, step)`` on every rank after each checkpoint commit (Ray Train reports it)."""
+    _after_commit[:] = [hook]
+
+
+def save_checkpoint(engine, ws: Workspace, step: int, client_state: dict[str, Any],
                     rank_state: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
                     keep: int = 0, before_commit: Callable[[], None] = lambda: None) -> str:
-    """Save tag ``step{step:08d}`` and commit it (``pipeline.storage.checkpoints``) once every rank has written its
-    part. ``rank_state`` is saved per rank (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes
-    into the tag (e.g. the ds_config). ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints."""
-    ckpts = Checkpoints(folder)
+    """Save tag ``step{step:08d}`` into this rank's workspace, upload it to the run's storage and commit it
+    (``pipeline.storage.checkpoints``) once every rank's upload finished. ``rank_state`` is saved per rank
+    (``rank{R}.pt``, e.g. RNG states); ``files`` are JSON files rank 0 writes into the tag (e.g. the ds_config).
+    ``keep`` > 0 prunes all but the newest ``keep`` complete checkpoints."""
+    ckpts = Checkpoints(ws.url)
     tag = tag_of(step)
-    engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(ws.local, tag=tag, client_state=client_state, save_latest=False)
+    os.makedirs(ws.at(tag), exist_ok=True)  # a rank that holds no engine state (ZeRO 0, rank > 0) wrote nothing
     if rank_state is not None:
-        torch.save(rank_state, ckpts.path(tag, f"rank{engine.global_rank}.pt"))
+        torch.save(rank_state, ws.at(tag, f"rank{engine.global_rank}.pt"))
     if engine.global_rank == 0:
         for name, obj in (files or {}).items():
-            write_text(ckpts.path(tag, name), json.dumps(obj, indent=1, sort_keys=True, default=str))
+            with open(ws.at(tag, name), "w") as f:
+                f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
     fault_point("save", step, engine.global_rank)
-    _barrier()  # every rank's shards are on disk before anything says the checkpoint exists
+    ckpts.upload(ws, tag)
+    _barrier()  # every rank's part is in storage before anything says the checkpoint exists
     if engine.global_rank == 0:
         before_commit()  # e.g. the run's lease: a superseded or orphaned run commits no checkpoint
         ckpts.commit(tag, step, engine.world_size)
         ckpts.prune(keep)
     _barrier()
+    for hook in _after_commit:
+        hook(ws.url, tag, step)
     return tag
 
 
-def load_checkpoint(engine, folder: str, tag: str) -> dict[str, Any]:
-    """The client state of checkpoint ``tag`` after loading it into ``engine``; refuses a partial checkpoint, a
-    different rank count, or a load in which DeepSpeed finds nothing (it returns (None, None) rather than raising)."""
-    record = Checkpoints(folder).verify(tag)
+def load_checkpoint(engine, ws: Workspace, tag: str) -> dict[str, Any]:
+    """The client state of checkpoint ``tag`` (fetched from the run's storage into this rank's workspace) after
+    loading it into ``engine``; refuses a partial checkpoint, a different rank count, or a load in which DeepSpeed
+    finds nothing (it returns (None, None) rather than raising)."""
+    ckpts = Checkpoints(ws.url)
+    record = ckpts.verify(tag)
+    where = ckpts.path(tag)
     if record.get("world_size", engine.world_size) != engine.world_size:
-        raise CheckpointError(f"{folder}/{tag}: written by {record['world_size']} ranks, resuming on "
+        raise CheckpointError(f"{where}: written by {record['world_size']} ranks, resuming on "
                               f"{engine.world_size}; resume with the same number of ranks")
+    folder = ckpts.fetch(ws, tag)
     try:
         path, client_state = engine.load_checkpoint(folder, tag=tag)
     except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many types; name the checkpoint either way
-        raise CheckpointError(f"{folder}/{tag}: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{where}: DeepSpeed could not load it ({type(exc).__name__}: {exc})") from exc
     if path is None:  # DeepSpeed returns (None, None) instead of raising
-        raise CheckpointError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
+        raise CheckpointError(f"{where}: DeepSpeed found no checkpoint to load")
     return client_state or {}
 
 
-def load_rank_state(folder: str, tag: str, rank: int) -> dict[str, Any] | None:
-    path = os.path.join(folder, tag, f"rank{rank}.pt")
-    return torch.load(path, weights_only=False) if os.path.exists(path) else None
+def load_rank_state(ws: Workspace, tag: str, rank: int) -> dict[str, Any] | None:
+    """This rank's ``rank{R}.pt`` of a loaded checkpoint (then the workspace's copy of the tag is dropped)."""
+    path = ws.at(tag, f"rank{rank}.pt")
+    state = torch.load(path, weights_only=False) if os.path.exists(path) else None
+    ws.discard(tag)
+    return state
 
 
 def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

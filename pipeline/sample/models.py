@@ -6,13 +6,14 @@ actually loaded against the prior."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from pipeline.dvae.model import DVAE
 from pipeline.errors import InputError, NotFoundError
 from pipeline.prior.checkpoints import export_weights, load_prior
 from pipeline.prior.transformer import DalleTransformer, PriorShape
+from pipeline.storage.commit import fs_and_path
+from pipeline.storage.urls import exists, join
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +49,31 @@ _WHAT = {"text_vocab": "tokenizer vocabulary size", "image_vocab": "dVAE vocabul
 
 
 def _sampler_weights(cfg: Any) -> str:
-    """The model.pt path ``sample.checkpoint`` means (exporting a DeepSpeed checkpoint folder first)."""
+    """The model.pt (a path or URL) ``sample.checkpoint`` means (exporting a DeepSpeed checkpoint folder first)."""
     ckpt = cfg.sample.checkpoint
     if not ckpt:
-        path = os.path.join(cfg.path("prior"), "model.pt")
-        if not os.path.isfile(path):
+        path = join(cfg.path("prior"), "model.pt")
+        if not exists(path):
             raise NotFoundError(f"{path}: no prior weights (train-prior writes them at the end); run train-prior "
                                     "or set sample.checkpoint to a model.pt or a checkpoint folder "
                                     "(<prior>/stepNNNNNNNN)")
         return path
-    if os.path.isdir(ckpt):
-        folder = os.path.abspath(ckpt).rstrip(os.sep)
-        if os.path.isfile(os.path.join(folder, "complete.json")):
-            exported = os.path.join(folder, "model.pt")
-            if os.path.isfile(exported) and (os.path.getmtime(exported)
-                                             >= os.path.getmtime(os.path.join(folder, "complete.json"))):
+    fs, path = fs_and_path(ckpt)
+    if fs.isdir(path):
+        folder = ckpt.rstrip("/")
+        if exists(join(folder, "complete.json")):
+            exported = join(folder, "model.pt")
+            if exists(exported) and fs.modified(f"{path}/model.pt") >= fs.modified(f"{path}/complete.json"):
                 log.info("sample: reusing %s, exported earlier from checkpoint %s", exported, folder)
                 return exported
-            parent, tag = os.path.split(folder)
+            parent, tag = folder.rsplit("/", 1) if "/" in folder else (".", folder)
             log.info("sample: consolidating DeepSpeed checkpoint %s into %s", folder, exported)
             return export_weights(parent, tag)
-        if os.path.isfile(os.path.join(folder, "model.pt")):
-            return os.path.join(folder, "model.pt")
+        if exists(join(folder, "model.pt")):
+            return join(folder, "model.pt")
         raise InputError(f"sample.checkpoint {ckpt}: a folder with neither complete.json (not a complete DeepSpeed "
                          "checkpoint: an interrupted save?) nor model.pt")
-    if os.path.isfile(ckpt):
+    if fs.isfile(path):
         return ckpt
     raise NotFoundError(f"sample.checkpoint {ckpt}: no such file or folder")
 
@@ -104,7 +105,8 @@ def _run_reference(cfg: Any) -> list[tuple[str, int | None, str]]:
     try:
         fs, folder = commit.fs_and_path(cfg.path("tokens"))
         shards = commit.committed_shards(fs, folder)
-        first = f"{folder}/{next(iter(shards)):05d}.parquet" if shards else ""
+        sid = next(iter(shards), 0)
+        first = commit.shard_file(folder, sid, ".parquet", shards[sid]) if shards else ""
         meta = schema.read_metadata(fs, first) if shards else None
     except Exception as exc:  # noqa: BLE001 - an unreachable store or an unreadable shard only skips this check
         log.warning("sample: cannot read the run's token shard metadata under %s (%s); tokenizer check skipped",
@@ -113,8 +115,8 @@ def _run_reference(cfg: Any) -> list[tuple[str, int | None, str]]:
     if meta is not None:
         where = f"token shards ({first})"
         refs += [(w, _meta_value(meta, w), where) for w in ("text_vocab", "image_vocab", "grid")]
-    dvae_path = os.path.join(cfg.path("dvae"), "dvae.pt")
-    if os.path.isfile(dvae_path):
+    dvae_path = join(cfg.path("dvae"), "dvae.pt")
+    if exists(dvae_path):
         from pipeline.dvae.model import load_dvae
 
         try:
@@ -140,3 +142,13 @@ def check_models(prior: DalleTransformer, source: str, dvae: DVAE, bpe: Any, ima
         if have != other:
             raise InputError(f"{source}: {_WHAT[what]} mismatch: the prior has {have}, the {name} used for "
                              f"sampling has {other}")
+
+
+def load_run_clip(cfg: Any, meta: dict[str, Any]) -> Any:
+    """The CLIP a model's tokens_meta records (the one its embeddings came from), else the run's own."""
+    from pipeline.clip import model as clip_lib
+
+    clip_meta = meta.get("clip") or {}
+    if clip_meta.get("arch"):
+        return clip_lib.load_clip(clip_meta["arch"], clip_meta.get("pretrained") or "")
+    return clip_lib.load_clip(clip_lib.clip_arch(cfg), cfg.clip.pretrained)

@@ -109,6 +109,9 @@ def faithfulness(results: list[CaptionSamples]) -> dict[str, float]:
         colour_any += sum(synth.read_attributes(c)[0] == attrs["colour"] for c in r.candidates) / len(r.candidates)
     if n == 0:
         raise ValueError("no caption of the embedded dataset among the samples: nothing to score")
+    # Shape and background too (all four attributes of the kept sample), each beside its chance level.
+    full = synth.score_attributes([r.candidates[0] for r in results], [r.caption for r in results])
+    extra = {f"{a}_{w}": full[f"{a}_{w}"] for a in ("shape", "background", "all") for w in ("match", "chance")}
     return {"scored": n, "match": colour / n, "chance": 1 / len(synth.COLOURS),
             "position_match": position / n, "position_chance": 1 / len(synth.POSITIONS),
-            "colour_and_position_match": both / n, "match_before_rerank": colour_any / n}
+            "colour_and_position_match": both / n, "match_before_rerank": colour_any / n, **extra}

@@ -4,7 +4,6 @@ workers through the Ray seam, and the records written (``pipeline.sample.records
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,14 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.clip import model as clip_lib
 from pipeline.config import Config, absolute_paths
 from pipeline.dvae.model import load_dvae
 from pipeline.errors import NotFoundError
 from pipeline.report import figures
+from pipeline.runtime.devices import worker_device
 from pipeline.sample.draw import CaptionSamples, draw, rerank_stats
-from pipeline.sample.models import check_models, load_sampler_prior
+from pipeline.sample.models import check_models, load_run_clip, load_sampler_prior
 from pipeline.sample.records import faithfulness, write_samples
+from pipeline.storage.urls import Workspace, exists, join, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def resolve_captions(entries: list[str], fallback: Callable[[], list[str]], limi
 
 
 def heldout_captions(cfg: Config) -> list[str]:
-    path = Path(cfg.run_dir) / "dataset.json"
-    if not path.exists():
+    path = join(cfg.run_dir, "dataset.json")
+    if not exists(path):
         raise NotFoundError(f"{path}: no embedded-dataset record; give sample.captions explicitly")
-    return json.loads(path.read_text())["heldout_captions"]
+    return read_json(path)["heldout_captions"]
 
 
 def sample_captions(cfg: Config) -> list[str]:
@@ -66,9 +66,9 @@ def sample_captions(cfg: Config) -> list[str]:
 def _sampler_dvae_path(cfg: Config, meta: dict[str, Any]) -> str:
     """The dVAE the prior's tokens came from (tokens_meta), else the run's own."""
     recorded = (meta.get("dvae") or {}).get("path")
-    if recorded and os.path.isfile(recorded):
+    if recorded and exists(recorded):
         return recorded
-    return os.path.join(cfg.path("dvae"), "dvae.pt")
+    return join(cfg.path("dvae"), "dvae.pt")
 
 
 def draw_captions(cfg: Config, captions: list[str], seed: int) -> tuple[list[CaptionSamples], dict[str, Any]]:
@@ -77,37 +77,42 @@ def draw_captions(cfg: Config, captions: list[str], seed: int) -> tuple[list[Cap
     sc = cfg.sample
     prior, meta, source = load_sampler_prior(cfg)
     dvae = load_dvae(_sampler_dvae_path(cfg, meta))
-    clip_meta = meta.get("clip") or {}
-    if clip_meta.get("arch"):
-        bundle = clip_lib.load_clip(clip_meta["arch"], clip_meta.get("pretrained") or "")
-    else:
-        bundle = clip_lib.load_clip(clip_lib.clip_arch(cfg), cfg.clip.pretrained)
+    bundle = load_run_clip(cfg, meta)
     image_size = int((meta.get("preprocess") or {}).get("image_size") or cfg.download.image_size)
     check_models(prior, source, dvae, getattr(bundle.tokenizer, "tokenizer", bundle.tokenizer), image_size)
-    if torch.cuda.is_available():  # a GPU worker: sample there
-        prior, dvae = prior.cuda(), dvae.cuda()
+    device = worker_device("sample", sc.gpus_per_worker, sc.require_gpu)
+    prior, dvae = prior.to(device), dvae.to(device)
     torch.manual_seed(seed)
     results, stats = draw(prior, dvae, bundle, captions, sc.candidates, sc.temperature, sc.top_k, seed,
                           guidance_scale=sc.guidance_scale, top_p=sc.top_p, keep=sc.keep)
-    stats["checkpoint"] = source
+    stats["checkpoint"], stats["device"] = source, device.type
     return results, stats
 
 
-def draw_on_workers(cfg: Config, captions: list[str]) -> tuple[list[CaptionSamples], dict[str, Any]]:
-    """Captions split over ``sample.num_workers`` workers (one GPU each when the cluster has enough), each loading
-    the models once and drawing its share with seed ``sample.seed + share index``; results come back in caption
-    order, with the rerank figures recomputed over all of them."""
+Drawer = Callable[[Config, list[str], int], tuple[list[CaptionSamples], dict[str, Any]]]
+
+
+def draw_on_workers(cfg: Config, captions: list[str],
+                    drawer: Drawer = draw_captions) -> tuple[list[CaptionSamples], dict[str, Any]]:
+    """Captions (or variation inputs) split over ``sample.num_workers`` workers (one GPU each when the cluster has
+    enough), each loading the models once and drawing its share with ``drawer`` and seed ``sample.seed + share
+    index``; results come back in input order, with the rerank figures recomputed over all of them."""
     from pipeline.runtime import ray_seam
 
     ray_seam.init_ray(cfg)
     n = max(1, min(cfg.sample.num_workers, len(captions)))
+    request = cfg.sample.request()
+    ray_seam.check_demand(cfg, f"sample.num_workers={n} workers of sample.cpus_per_worker / gpus_per_worker / "
+                          "resources", request, n)
     cfg = absolute_paths(cfg)
-    gpus = 1 if ray_seam.cluster_gpus() >= n else 0
     bounds = np.linspace(0, len(captions), n + 1).astype(int)
     shares = [(cfg, captions[bounds[i]:bounds[i + 1]], cfg.sample.seed + i) for i in range(n)]
-    parts = ray_seam.run_on_workers(draw_captions, shares, num_cpus=0 if gpus else 1, num_gpus=gpus)
+    parts = ray_seam.run_on_workers(drawer, shares, request)
     results = [r for part, _ in parts for r in part]
-    stats: dict[str, Any] = {"workers": n, "gpus_per_worker": gpus, "checkpoint": parts[0][1]["checkpoint"]}
+    stats: dict[str, Any] = {"workers": n, "gpus_per_worker": cfg.sample.gpus_per_worker,
+                             "devices": sorted({str(p[1].get("device", "")) for p in parts}),
+                             "checkpoint": parts[0][1]["checkpoint"],
+                             "record_settings": parts[0][1].get("record_settings", {})}
     for key in ("captions", "samples", "empty_captions", "truncated_captions"):
         stats[key] = sum(int(p[1].get(key, 0)) for p in parts)
     stats["generate_s"] = max(float(p[1].get("generate_s", 0.0)) for p in parts)  # the shares run side by side
@@ -121,17 +126,25 @@ def run_sample(cfg: Config) -> tuple[dict[str, Any], list[CaptionSamples]]:
     grids and PNGs under samples/, and samples.parquet/json."""
     t0 = time.time()
     sc = cfg.sample
-    captions = sample_captions(cfg)
-    results, stats = draw_on_workers(cfg, captions) if sc.num_workers > 1 else draw_captions(cfg, captions, sc.seed)
-    out = Path(cfg.path("report"))
-    out.mkdir(parents=True, exist_ok=True)
+    drawer: Drawer = draw_captions
+    if sc.chain == "dalle1":
+        captions = sample_captions(cfg)
+    else:  # DALL-E 2: the diffusion prior and the decoder, or variations of images
+        from pipeline.decoder import sampling
+
+        drawer, captions = sampling.chain(cfg, sample_captions)
+    results, stats = draw_on_workers(cfg, captions, drawer) if sc.num_workers > 1 else drawer(cfg, captions, sc.seed)
+    ws = Workspace(cfg.path("report"), role="sample")  # written here, then put in the run's storage
+    out = Path(ws.local)
     figures.sample_grid(results, str(out / "samples.png"))
     settings = {"seed": sc.seed, "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p,
-                "guidance_scale": sc.guidance_scale, "checkpoint": stats["checkpoint"]}
+                "guidance_scale": sc.guidance_scale, "checkpoint": stats["checkpoint"],
+                **stats.pop("record_settings", {})}  # the DALL-E 2 chains' own (decoder checkpoint, steps, ...)
     stats.update(write_samples(results, str(out), settings))
     try:
         stats.update(faithfulness(results))
     except ValueError as exc:  # captions from outside the embedded dataset cannot be scored from pixels
         stats["faithfulness"] = str(exc)
+    ws.push("samples.png", "samples", "samples.parquet", "samples.json")
     stats["wall_s"] = round(time.time() - t0, 2)
     return stats, results

@@ -15,19 +15,19 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
 
 from pipeline.errors import RunMismatchError, StorageError
+from pipeline.storage.faults import fault_point
 
 __all__ = ["RunMismatchError"]  # callers catch it from here too
-
-
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -161,6 +161,67 @@ def remove(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) ->
             os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def shard_stem(shard_id: int, manifest: dict[str, Any] | None = None) -> str:
+    """The name stem of a committed shard's data files: ``00003`` for the generation a stage first commits,
+    ``00003.g2`` once ``forget`` has rewritten it twice. The marker (``00003.done.json``, one name for every
+    generation) says which generation is the shard: readers resolve a shard's files through it, never by a fixed
+    name, so a rewrite never replaces a file a reader trusts (see ``switch_generation``)."""
+    gen = int((manifest or {}).get("generation") or 0)
+    return f"{shard_id:05d}" + (f".g{gen}" if gen else "")
+
+
+def shard_file(folder: str, shard_id: int, suffix: str, manifest: dict[str, Any] | None = None) -> str:
+    """``folder``/the file of ``shard_id`` with ``suffix`` (``.parquet``, ``.tar``) in the generation its marker
+    ``manifest`` commits."""
+    return f"{folder}/{shard_stem(shard_id, manifest)}{suffix}"
+
+
+def generation_files(fs: fsspec.AbstractFileSystem, folder: str, shard_id: int) -> dict[int, list[str]]:
+    """Generation → the data files of ``shard_id`` present in ``folder`` (committed or not)."""
+    out: dict[int, list[str]] = {}
+    pattern = re.compile(rf"^{shard_id:05d}(?:\.g(\d+))?(\.[a-z]+|_stats\.json)$")
+    for path in fs.glob(f"{folder}/{shard_id:05d}*"):
+        m = pattern.match(path.rsplit("/", 1)[-1])
+        if m and not path.endswith(".done.json"):
+            out.setdefault(int(m.group(1) or 0), []).append(path)
+    return out
+
+
+def switch_generation(fs: fsspec.AbstractFileSystem, folder: str, shard_id: int, old: dict[str, Any],
+                      new: dict[str, Any], before_switch: Callable[[], None] = lambda: None) -> None:
+    """Make ``new`` (a marker whose ``generation`` is ``old``'s + 1, its files already written under that
+    generation's names) the committed shard instead of ``old``, then remove every other generation's files.
+
+    The marker is the shard's one commit point, and it is rewritten whole in one atomic write: until then readers
+    resolve ``old``'s files (untouched), after it ``new``'s; a reader never sees a mix. A crash before the switch
+    leaves the old generation committed and whole (the new files are debris a rerun overwrites); a crash after it
+    leaves the new one committed and whole (old files a rerun removes, ``remove_stale_generations``). Refused when
+    the marker is no longer ``old`` (someone else switched the shard meanwhile)."""
+    if int(new.get("generation") or 0) != int(old.get("generation") or 0) + 1:
+        raise ValueError(f"shard {shard_id:05d}: generation {new.get('generation')} does not follow "
+                         f"{old.get('generation') or 0}")
+    if read_marker(fs, folder, shard_id) != old:
+        raise RunMismatchError(f"{marker_path(folder, shard_id)} changed while it was being rewritten; rerun")
+    before_switch()  # e.g. the writer's lease check: a superseded run switches nothing
+    write_marker(fs, folder, shard_id, new)
+    fault_point("generation-switched", shard_id)
+    remove_stale_generations(fs, folder, shard_id, new)
+
+
+def remove_stale_generations(fs: fsspec.AbstractFileSystem, folder: str, shard_id: int,
+                             manifest: dict[str, Any]) -> list[str]:
+    """Remove the files of every generation of ``shard_id`` but the committed one (``manifest``'s)."""
+    keep = int(manifest.get("generation") or 0)
+    removed = []
+    for gen, paths in sorted(generation_files(fs, folder, shard_id).items()):
+        if gen != keep:
+            for path in sorted(paths):
+                remove(fs, path)
+                removed.append(path)
+                fault_point("generation-removed", shard_id)
+    return removed
 
 
 def marker_path(folder: str, shard_id: int) -> str:

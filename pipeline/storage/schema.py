@@ -23,6 +23,8 @@ SHARED_META = ("schema_version", "grid", "embed_dim", "dvae", "clip", "tokenizer
 
 
 def token_schema(grid: int, embed_dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    """The v1 columns, then the shard's additional ones. ``grid`` 0: a shard without image tokens (made from
+    published embeddings by ``import-embeddings``), which has no ``image_tokens`` column."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("url", pa.string()),
@@ -31,13 +33,23 @@ def token_schema(grid: int, embed_dim: int, metadata: dict[str, Any] | None = No
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("text_tokens", pa.list_(pa.uint16())),
-        pa.field("image_tokens", pa.list_(pa.uint16(), grid * grid)),
+        *([pa.field("image_tokens", pa.list_(pa.uint16(), grid * grid))] if grid else []),  # grid 0: imported
         pa.field("clip_image_emb", pa.list_(pa.float16(), embed_dim)),
         pa.field("clip_text_emb", pa.list_(pa.float16(), embed_dim)),
         pa.field("clip_similarity", pa.float32()),
     ]
+    fields += extra_fields(metadata or {})
     meta = {META_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata is not None else None
     return pa.schema(fields, metadata=meta)
+
+
+def extra_fields(metadata: dict[str, Any]) -> list[pa.Field]:
+    """The shard's additional columns (download.save_additional_columns, an import's metadata columns), nullable,
+    after the v1 columns, as its metadata's ``extra_columns`` ({name: arrow type name}) records them."""
+    try:
+        return [pa.field(name, pa.type_for_alias(t)) for name, t in (metadata.get("extra_columns") or {}).items()]
+    except ValueError as exc:
+        raise DataError(f"extra_columns {metadata.get('extra_columns')}: {exc}") from exc
 
 
 def _fixed(values: np.ndarray, dtype: pa.DataType, width: int) -> pa.FixedSizeListArray:
@@ -48,7 +60,7 @@ def _fixed(values: np.ndarray, dtype: pa.DataType, width: int) -> pa.FixedSizeLi
 def build_table(rows: dict[str, Any], grid: int, embed_dim: int, metadata: dict[str, Any]) -> pa.Table:
     """Column batch → table. ``image_tokens`` (n, grid²) and embeddings (n, D) are numpy arrays."""
     n = len(rows["key"])
-    image_tokens = np.asarray(rows["image_tokens"])
+    image_tokens = np.asarray(rows["image_tokens"]) if grid else np.zeros((n, 0), np.uint16)
     if image_tokens.shape != (n, grid * grid):
         raise ValueError(f"image_tokens has shape {image_tokens.shape}, expected {(n, grid * grid)}")
     if image_tokens.size and (image_tokens.min() < 0 or image_tokens.max() > 65535):
@@ -61,10 +73,14 @@ def build_table(rows: dict[str, Any], grid: int, embed_dim: int, metadata: dict[
         pa.array(rows["sha256"], pa.string()), pa.array(rows["width"], pa.int32()),
         pa.array(rows["height"], pa.int32()),
         pa.array([list(map(int, t)) for t in rows["text_tokens"]], pa.list_(pa.uint16())),
-        _fixed(image_tokens.astype(np.uint16), pa.uint16(), grid * grid),
+        *([_fixed(image_tokens.astype(np.uint16), pa.uint16(), grid * grid)] if grid else []),
         _fixed(img_emb, pa.float16(), embed_dim), _fixed(txt_emb, pa.float16(), embed_dim),
         pa.array(np.asarray(rows["clip_similarity"], dtype=np.float32), pa.float32()),
     ]
+    for f in schema.names[len(arrays):]:
+        values = rows[f]
+        arrays.append(pa.array(values.tolist() if isinstance(values, np.ndarray) else list(values),
+                               schema.field(f).type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -140,7 +156,7 @@ def read_token_shards(folder: str, columns: list[str] | None = None) -> tuple[pa
         raise NotFoundError(f"{folder}: no committed token shards")
     tables, first = [], None
     for shard_id, manifest in shards.items():
-        p = f"{path}/{shard_id:05d}.parquet"
+        p = commit.shard_file(path, shard_id, ".parquet", manifest)
         verify_token_shard(fs, p, manifest)
         meta = read_metadata(fs, p)
         shared = {k: meta.get(k) for k in SHARED_META}

@@ -43,15 +43,26 @@ def _committed_bytes(fs: Any, path: str, files: dict[str, Any]) -> bytes:
     return data
 
 
+def shard_stem(shard_id: int, files: dict[str, Any]) -> str:
+    """The name stem of the shard's files in the generation its marker's ``files`` record (``00003``, or
+    ``00003.g1`` after a ``forget``): a reader opens what the marker names, never a fixed name."""
+    for name in files:
+        for suffix in (".tar", ".parquet"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+    return f"{shard_id:05d}"
+
+
 def read_shard_samples(folder: str, shard_id: int, files: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every successful sample of a committed shard: key, image bytes, caption and its json metadata (tar or Parquet
     output). Its bytes are checked against the marker's record first (``files``: the marker's, read if not given)."""
     fs, path = commit.fs_and_path(folder)
     if files is None:
         files = (commit.read_marker(fs, path, shard_id) or {}).get("files", {})
-    tar_path = f"{path}/{shard_id:05d}.tar"
-    if not fs.exists(tar_path):
-        return _read_parquet_shard(fs, f"{path}/{shard_id:05d}.parquet", shard_id, files)
+    stem = shard_stem(shard_id, files)
+    tar_path = f"{path}/{stem}.tar"
+    if f"{stem}.tar" not in files and not fs.exists(tar_path):
+        return _read_parquet_shard(fs, f"{path}/{stem}.parquet", shard_id, files)
     grouped: dict[str, dict[str, bytes]] = {}
     data = _committed_bytes(fs, tar_path, files)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
@@ -95,6 +106,20 @@ def _read_parquet_shard(fs: Any, pq_path: str, shard_id: int, files: dict[str, A
         samples.append({"key": row["key"], "image": row[col], "caption": row.get("txt") or row.get("caption") or "",
                         "meta": meta, "shard_id": shard_id})
     return sorted(samples, key=lambda s: s["key"])
+
+
+def read_shard_metadata(folder: str, shard_id: int, files: dict[str, Any], columns: list[str]) -> Any:
+    """``columns`` of a committed shard's img2dataset metadata Parquet for its successful rows, in key order (the
+    order ``read_shard_samples`` lists its images in); the file's bytes checked against the marker first."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, path = commit.fs_and_path(folder)
+    pq_path = f"{path}/{shard_stem(shard_id, files)}.parquet"
+    wanted = list(dict.fromkeys(["key", "status", *columns]))
+    table = pq.read_table(io.BytesIO(_committed_bytes(fs, pq_path, files)), columns=wanted)
+    table = table.filter(pc.equal(table.column("status"), "success"))
+    return table.take(pc.sort_indices(table, [("key", "ascending")])).select(columns)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:

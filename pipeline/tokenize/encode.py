@@ -16,6 +16,7 @@ import torch
 
 from pipeline.clip import model as clip_lib
 from pipeline.dvae.model import load_dvae
+from pipeline.runtime.devices import worker_device
 from pipeline.storage import commit, schema, shards
 from pipeline.tokenize.writer import SHARD_ERROR
 
@@ -35,26 +36,31 @@ def encoder_spec(cfg: Any) -> EncoderSpec:
     """The run's encoders: its ``dvae.pt``, its CLIP (``clip_arch``) and the download's image size."""
     import os
 
-    return EncoderSpec(dvae_path=os.path.abspath(os.path.join(cfg.path("dvae"), "dvae.pt")),
+    from pipeline.storage.urls import is_local, join
+
+    dvae = join(cfg.path("dvae"), "dvae.pt")  # read by every encoder actor, on any node: a URL or an absolute path
+    return EncoderSpec(dvae_path=os.path.abspath(dvae) if is_local(dvae) else dvae,
                        clip_arch=clip_lib.clip_arch(cfg), clip_pretrained=cfg.clip.pretrained,
                        image_size=cfg.download.image_size)
 
 
 def decode_shard(images_folder: str, shard_id: int, image_size: int, expected: int,
-                 files: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 files: dict[str, Any] | None = None, extras: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Every sample of one committed image shard as a row with a decoded (S, S, 3) uint8 image.
 
     A sample that cannot be used becomes a row with ``reject`` set (decode_error, empty_image, empty_caption,
     bad_caption) and a blank image, so processed + rejected = input exactly. A shard that cannot be read at all, or
     whose bytes differ from what its commit marker recorded, becomes one row keyed ``SHARD_ERROR`` with the reason.
+    ``extras`` (the shard's additional columns) are carried from each sample's metadata into its row.
     """
     try:
         samples = shards.read_shard_samples(images_folder, shard_id, files)  # bytes checked against the marker
         if len(samples) != expected:
             raise ValueError(f"holds {len(samples)} samples but its commit marker records {expected} successes")
     except Exception as exc:  # noqa: BLE001 — a whole-shard problem is reported by name, not raised into Ray Data
-        return [_row(shard_id, SHARD_ERROR, {}, "", image_size, f"shard {shard_id:05d}: {exc}")]
-    return [_sample_row(s, shard_id, image_size) for s in samples]
+        return [dict(_row(shard_id, SHARD_ERROR, {}, "", image_size, f"shard {shard_id:05d}: {exc}"),
+                     **dict.fromkeys(extras))]
+    return [dict(_sample_row(s, shard_id, image_size), **{c: s["meta"].get(c) for c in extras}) for s in samples]
 
 
 def _sample_row(s: dict[str, Any], shard_id: int, size: int) -> dict[str, Any]:
@@ -90,11 +96,11 @@ def _file_sha256(path: str) -> str:
 class Encoder:
     """dVAE codes + CLIP image/text embeddings + BPE ids for a batch of decoded rows."""
 
-    def __init__(self, spec: EncoderSpec, threads: int = 0):
+    def __init__(self, spec: EncoderSpec, threads: int = 0, gpus: float = 0.0, require_gpu: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.spec = spec
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU actor when Ray gave one
+        self.device = worker_device("tokenize", gpus, require_gpu)  # CUDA when Ray gave this actor a GPU
         self.dvae = load_dvae(spec.dvae_path).to(self.device)
         self.clip = clip_lib.load_clip(spec.clip_arch, spec.clip_pretrained)
         self.clip.model.to(self.device)

@@ -70,12 +70,14 @@ def _embeddings(table: pa.Table, column: str, dim: int) -> np.ndarray:
 def _metadata_table(table: pa.Table) -> pa.Table:
     """clip-retrieval's metadata columns: image_path (its webdataset reader stores the sample key there), caption,
     then the img2dataset json fields we keep. Token shards hold the original image size, img2dataset's
-    ``original_width``/``original_height``."""
+    ``original_width``/``original_height``. A shard's additional columns (download.save_additional_columns: in
+    img2dataset's json, so in clip-retrieval's metadata) follow under their own names and types."""
     key = table.column("key")
     return pa.table({
         "image_path": key, "caption": table.column("caption"), "url": table.column("url"), "key": key,
         "sha256": table.column("sha256"), "original_width": table.column("width"),
         "original_height": table.column("height"), "clip_similarity": table.column("clip_similarity"),
+        **{name: table.column(name) for name in table.column_names if name not in _TOKEN_COLUMNS},
     })
 
 
@@ -127,7 +129,8 @@ def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]
     if not shards:
         raise NotFoundError(f"{tokens_folder}: no committed token shards")
     first = min(shards)
-    provenance = {k: schema.read_metadata(tfs, f"{tpath}/{first:05d}.parquet").get(k) for k in schema.SHARED_META}
+    provenance = {k: schema.read_metadata(tfs, commit.shard_file(tpath, first, ".parquet", shards[first])).get(k)
+                  for k in schema.SHARED_META}
     commit.claim_run(ofs, opath, "export-clip-retrieval",
                      {"tokens": tfs.unstrip_protocol(tpath), "layout": "clip-retrieval img_emb/text_emb/metadata",
                       "provenance": provenance})
@@ -145,7 +148,7 @@ def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]
         if not missing:
             skipped.append(shard_id)
             continue
-        src = f"{tpath}/{shard_id:05d}.parquet"
+        src = commit.shard_file(tpath, shard_id, ".parquet", manifest)
         data = tfs.cat_file(src)
         if manifest.get("sha256") and hashlib.sha256(data).hexdigest() != manifest["sha256"]:
             raise DataError(f"{src}: bytes do not match the sha256 in its commit marker; refusing to export it")
@@ -155,7 +158,8 @@ def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]
         if shared != provenance:
             diff = [k for k in schema.SHARED_META if shared[k] != provenance[k]]
             raise DataError(f"{src}: metadata {diff} disagrees with shard {first:05d}; refusing to mix token shards")
-        table = pf.read(columns=_TOKEN_COLUMNS)
+        extras = [f.name for f in schema.extra_fields(meta) if f.name in pf.schema_arrow.names]
+        table = pf.read(columns=_TOKEN_COLUMNS + extras)
         if table.num_rows != int(manifest["rows"]):
             raise DataError(f"{src}: {table.num_rows} rows, its commit marker records {manifest['rows']}")
         for kind in SUBFOLDERS:  # metadata last: a partition is whole once its metadata file exists

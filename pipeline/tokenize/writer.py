@@ -65,6 +65,7 @@ def empty_rows(metadata: dict[str, Any]) -> dict[str, Any]:
     rows["image_tokens"] = np.zeros((0, metadata["grid"] ** 2), np.uint16)
     rows["clip_image_emb"] = rows["clip_text_emb"] = np.zeros((0, metadata["embed_dim"]), np.float16)
     rows["clip_similarity"] = np.zeros(0, np.float32)
+    rows.update({name: [] for name in metadata.get("extra_columns") or {}})
     return rows
 
 
@@ -87,8 +88,10 @@ class ShardAssembler:
     at all (one ``SHARD_ERROR`` row) is recorded in ``failed`` and never committed."""
 
     def __init__(self, folder: str, metadata: dict[str, Any], expected: dict[int, int],
-                 on_rows: Callable[[int], None] = lambda n: None, before_commit: Callable[[], None] = lambda: None):
+                 on_rows: Callable[[int], None] = lambda n: None, before_commit: Callable[[], None] = lambda: None,
+                 extra_columns: dict[int, dict[str, str]] | None = None):
         self.folder, self.metadata, self.expected, self.on_rows = folder, metadata, expected, on_rows
+        self.extra_columns = extra_columns or {}  # shard → its image shard's additional columns {name: type}
         self.before_commit = before_commit  # e.g. the run's lease check: a superseded run commits nothing
         self.written: dict[str, Any] = {}
         self.failed: dict[str, str] = {}
@@ -123,11 +126,11 @@ class ShardAssembler:
 
     def commit(self, s: int) -> None:
         parts = [p for p in self._buffers.pop(s, []) if len(p["key"])]
-        rows = concat(parts) if parts else empty_rows(self.metadata)
+        meta = dict(self.metadata, extra_columns=self.extra_columns[s]) if self.extra_columns.get(s) else self.metadata
+        rows = concat(parts) if parts else empty_rows(meta)
         self.before_commit()
         seconds = time.time() - self._started[s] if s in self._started else 0.0
-        self.written[f"{s:05d}"] = write_token_shard(self.folder, s, rows, self.metadata, self._rejects.pop(s, {}),
-                                                     seconds)
+        self.written[f"{s:05d}"] = write_token_shard(self.folder, s, rows, meta, self._rejects.pop(s, {}), seconds)
 
     def missing(self) -> dict[int, int]:
         """Shards neither committed nor failed, with the rows they still lack."""

@@ -13,7 +13,9 @@ import time
 import warnings
 from typing import Any
 
+from pipeline.errors import NotFoundError
 from pipeline.storage.commit import atomic_output
+from pipeline.storage.urls import join, read_bytes
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -130,18 +132,18 @@ class MetricsLog:
 def read_metrics(out_dir: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of <out_dir>/metrics.jsonl (only those whose ``kind`` is ``kind``, when given); blank or torn
     lines (a crash mid-write) are skipped."""
-    path = os.path.join(out_dir, METRICS_FILE)
-    if not os.path.exists(path):
+    try:  # a local folder or the run's storage (a URL)
+        text = read_bytes(join(out_dir, METRICS_FILE)).decode(errors="replace")
+    except NotFoundError:
         return []
     records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
-                records.append(rec)
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
+            records.append(rec)
     return records
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -18,9 +19,12 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError, rank_error_line
+from pipeline.config.placement import TrainerPlacement
+from pipeline.errors import ConfigError, PipelineError, rank_error_line
 from pipeline.runtime import ds_seam
+from pipeline.storage.commit import write_text
 from pipeline.storage.lease import Lease, LeaseToken
+from pipeline.storage.urls import Workspace, is_local, join
 
 T = TypeVar("T")
 
@@ -108,23 +112,71 @@ def rank_lease(out: str, stage: str, rank: int) -> Iterator[Callable[[], None]]:
 
 
 def write_resolved_config(cfg: Config, out: str) -> str:
-    """``out/config.yaml``: the whole config a training run uses, what its ranks load."""
-    import yaml
+    """``<out>/config.yaml``: the whole config a training run uses (in the run's storage), and a local copy of it,
+    what the deepspeed launcher's ranks are started with; returns the local path."""
+    from pipeline.config.docs import to_yaml
 
-    from pipeline.config import to_dict
-    from pipeline.storage.commit import write_text
-
-    os.makedirs(out, exist_ok=True)
-    resolved = os.path.join(out, "config.yaml")
-    write_text(resolved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return resolved
+    text = to_yaml(cfg)
+    write_text(join(out, "config.yaml"), text)
+    ws = Workspace(out, role="launch")
+    write_text(ws.at("config.yaml"), text)
+    return ws.at("config.yaml")
 
 
 def launch_ranks(module: str, cfg: Config, out: str, num_procs: int, prefix: str) -> None:
-    """Run ``python -m <module> --config <out>/config.yaml`` on ``num_procs`` ranks through the deepspeed launcher
-    (``out/launcher.log``), echoing rank 0's ``prefix`` lines."""
+    """Run ``python -m <module> --config config.yaml`` on ``num_procs`` ranks through the deepspeed launcher on this
+    machine, echoing rank 0's ``prefix`` lines; the launcher's log ends up in ``<out>/launcher.log``."""
     resolved = write_resolved_config(cfg, out)
-    ds_seam.launch(module, resolved, num_procs, os.path.join(out, "launcher.log"), prefix)
+    ws = Workspace(out, role="launch")
+    try:
+        ds_seam.launch(module, resolved, num_procs, ws.at("launcher.log"), prefix)
+    finally:
+        ws.push("launcher.log")
+
+
+def launcher_of(cfg: Config, section: TrainerPlacement) -> str:
+    """``deepspeed`` or ``ray`` for a trainer section's ``launcher`` (auto: Ray Train when this process runs on a Ray
+    cluster, a Ray job or ``ray_address`` set; otherwise the deepspeed launcher here)."""
+    if section.launcher != "auto":
+        return section.launcher
+    from pipeline.runtime.devices import on_cluster
+
+    return "ray" if on_cluster(cfg) else "deepspeed"
+
+
+def launch(cfg: Config, section: TrainerPlacement, out: str, stage: str, module: str,
+           train: Callable[[Config, int, int], Any], num_procs: int, prefix: str) -> str:
+    """Start a trainer's ranks, holding ``out``'s lease: on Ray Train workers (each runs ``train(cfg, rank, world)``,
+    checkpoints in the run's storage, a lost worker group restarted from the last committed checkpoint up to
+    ``max_failures`` times), or through the deepspeed launcher on this machine. Returns the launcher used."""
+    launcher = launcher_of(cfg, section)
+    with driver_lease(out, stage) as lease_env:
+        if launcher == "ray":
+            from pipeline.config import absolute_paths
+            from pipeline.runtime import ray_seam
+
+            ray_seam.init_ray(cfg)
+            key = getattr(section, "SECTION", "dvae")
+            ray_seam.check_demand(cfg, f"{key}.num_procs={num_procs} Ray Train workers of {key}.cpus_per_worker / "
+                                  "gpus_per_worker / resources", section.request(), num_procs)
+            write_resolved_config(cfg, out)
+            ray_seam.train_on_workers(functools.partial(train, absolute_paths(cfg)), num_procs, section.request(),
+                                      storage_path=join(out, "ray_train"), name=stage, env=lease_env,
+                                      max_failures=section.max_failures, require_gpu=section.require_gpu)
+        else:
+            launch_ranks(module, cfg, out, num_procs, prefix)
+    return launcher
+
+
+def check_checkpoint_location(out: str, section: TrainerPlacement, key: str) -> None:
+    """A deepspeed-launcher run over several nodes (``CROSS_SIZE`` > 1) cannot checkpoint into a node-local path:
+    each node would hold only its own ranks' part, and no node could resume. Refused unless the path is shared."""
+    nodes = int(os.environ.get("CROSS_SIZE") or 1)
+    if nodes > 1 and is_local(out) and not section.shared_filesystem:
+        raise ConfigError(f"{key} {out!r} is a local path, and this run spans {nodes} nodes: each node would keep "
+                          f"only its own ranks' checkpoint files and none could resume. Put {key} (or run_dir) on "
+                          f"object storage (s3://...), or, if that path is on a filesystem every node shares, set "
+                          f"{key.rsplit('.', 1)[0]}.shared_filesystem=true")
 
 
 def rank_main(argv: list[str] | None, description: str, train: Callable[[Config, int, int], T]) -> T:

@@ -10,7 +10,7 @@ import time
 import pandas as pd
 import psutil
 import pytest
-from faultserver import FaultServer
+from faultserver import FaultServer, make_tls
 
 from pipeline.config import load_config
 from pipeline.download import runs as download_runs
@@ -164,10 +164,34 @@ def test_killed_worker_loses_and_duplicates_nothing(tmp_path, ray_cluster, serve
     job.join(120)
     assert killed is not None, "never caught a shard task running"
     assert not job.is_alive(), "the job hung after a worker was killed"
-    snapshot = {sid: m["files"] for sid, m in committed_before.items()}
-    run_download(cfg)  # the rerun: nothing to do, nothing rewritten
-    after = commit.committed_shards(fs, path)
-    assert {sid: after[sid]["files"] for sid in snapshot} == snapshot, "a committed shard changed"
+    # The interrupted run itself: Ray retried the killed task, so it finished every shard, each row once, and
+    # left what it had committed before the kill as it was.
+    assert result and result["shards_committed"] == 6 and result["shards_failed"] == {}, result
+    assert result["count"] == len(rows) and result["this_run"]["shards"] == 6 and "error" not in result["this_run"]
+    own = commit.committed_shards(fs, path)
+    assert {sid: own[sid]["files"] for sid in committed_before} == {sid: m["files"] for sid, m in
+                                                                     committed_before.items()}
     got = all_rows(out)
-    assert sorted(r["url"] for r in got) == sorted(u for u, _ in rows), "keys lost or duplicated"
-    assert len({r["key"] for r in got}) == len(rows) and len(after) == 6
+    assert sorted(r["url"] for r in got) == sorted(u for u, _ in rows), "the interrupted run lost or duplicated keys"
+    assert len({r["key"] for r in got}) == len(rows)
+    assert not [n for n in os.listdir(out) if ".tmp-" in n or n in ("_staging", "_plan")], "debris left behind"
+    again = run_download(cfg)  # the rerun: nothing to do, nothing rewritten
+    after = commit.committed_shards(fs, path)
+    assert again["this_run"]["shards"] == 0 and after == own, "the rerun rewrote a committed shard"
+
+
+def test_https_rows_through_the_stage_trust_download_ca_bundle(tmp_path, ray_cluster):
+    certs = make_tls(str(tmp_path / "tls"))
+    with FaultServer(tls=certs["good"]) as good, FaultServer(tls=certs["untrusted"]) as bad:
+        rows = [(good.url("/ok.jpg"), "trusted"), (good.url("/status/404"), "gone"), (bad.url("/ok.jpg"), "untrusted"),
+                (good.url("/redirect-chain/2"), "redirected"), (good.url("/ok.png"), "png")]
+        cfg = load_config("configs/tiny.yaml", [
+            f"run_dir={tmp_path / 'run'}", f"download.input={write_list(tmp_path, rows)}",
+            f"download.allowed_addresses=['127.0.0.1:{good.port}', '127.0.0.1:{bad.port}']",
+            f"download.ca_bundle={certs['good']['ca']}", "download.deadline=3", "download.timeout=1",
+            "download.shard_size=8", "download.thread_count=2", "download.dedup_images=false"])
+        summary = run_download(cfg)
+        got = [r["code"] for r in sorted(all_rows(cfg.path("images")), key=lambda r: r["key"])]
+        assert got == ["ok", "http_4xx", "tls_error", "ok", "ok"]
+        assert summary["codes"]["tls_error"] == 1 and summary["transient_rows"] == 0, "tls_error is not transient"
+        assert bad.hits["/ok.jpg"] == 0 and bad.connections == 1, "a rejected certificate is not retried"

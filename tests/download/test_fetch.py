@@ -10,7 +10,7 @@ import pytest
 from faultserver import CanaryServer, FaultServer
 
 from pipeline.config import load_config
-from pipeline.download.fetch import AddressPolicy, FetchLimits, fetch
+from pipeline.download.fetch import AddressPolicy, FetchLimits, close_idle, fetch
 from pipeline.download.shard import _fetch_one, image_processor
 
 DEADLINE = 2.0
@@ -28,6 +28,14 @@ EXPECTED = {
 def server():
     with FaultServer() as s:
         yield s
+
+
+@pytest.fixture(autouse=True)
+def no_pooled_connections():
+    """Each test starts without idle keep-alive connections left by the one before (some count connections)."""
+    close_idle()
+    yield
+    close_idle()
 
 
 def limits(**kw) -> FetchLimits:
@@ -123,3 +131,56 @@ def test_allow_private_addresses_lets_loopback_through(server):
     assert fetch(server.url("/ok.jpg"), limits(), AddressPolicy(False)).code == "blocked_address"
     with pytest.raises(ValueError, match="bad entry"):
         AddressPolicy(False, ["not-an-address"])
+
+
+@pytest.mark.parametrize("order", ["allowed first", "allowed last"])
+def test_a_name_with_one_private_address_among_allowed_ones_is_refused(server, monkeypatch, order):
+    """Every address a name resolves to is vetted, not only the first: a DNS answer that mixes the allowed server
+    with the cloud metadata address is an attack (the next lookup, or another client, may pick the bad one)."""
+    answer = ["127.0.0.1", "169.254.169.254"] if order == "allowed first" else ["169.254.169.254", "127.0.0.1"]
+    real = socket.getaddrinfo
+    connects: list[tuple] = []
+    real_connect = socket.create_connection
+
+    def fake(host, port, *args, **kwargs):
+        if host == "mixed.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+        return real(host, port, *args, **kwargs)
+
+    def spy(address, *args, **kwargs):
+        connects.append(address)
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    monkeypatch.setattr(socket, "create_connection", spy)
+    got = fetch(server.url("/ok.jpg", host="mixed.test"), limits(), only(server))
+    assert got.code == "blocked_address" and "169.254.169.254" in got.message, (got.code, got.message)
+    assert connects == [], "a name with a blocked address was connected to"
+    # the same server under a name resolving to the allowed address alone is fetched: the mix, not the port, is refused
+    answer[:] = ["127.0.0.1"]
+    assert fetch(server.url("/ok.jpg", host="mixed.test"), limits(), only(server)).code == "ok"
+    assert connects == [("127.0.0.1", server.port)]
+
+
+def test_the_watchdog_shuts_a_socket_down_at_its_deadline_unless_cancelled():
+    """The deadline on a whole fetch rests on this thread: a socket whose lease expires is shut down (a read on it
+    ends) even when no newer lease wakes the thread; a cancelled lease is left alone."""
+    from pipeline.download.connections import Watchdog
+
+    dog = Watchdog()
+    a, peer_a = socket.socketpair()
+    b, peer_b = socket.socketpair()
+    try:
+        dog.watch(a, time.monotonic() + 0.3)
+        dog.cancel(dog.watch(b, time.monotonic() + 0.2))
+        a.settimeout(3.0)
+        t0 = time.monotonic()
+        assert a.recv(1) == b""  # shut down: the read ends without data
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        time.sleep(0.2)
+        peer_b.sendall(b"x")
+        b.settimeout(1.0)
+        assert b.recv(1) == b"x", "a cancelled lease's socket was shut down"
+    finally:
+        for s in (a, peer_a, b, peer_b):
+            s.close()

@@ -72,3 +72,25 @@ def test_shard_stream_runs_on_across_epochs():
     assert np.array_equal(st.take(7, 4), np.concatenate([a[7:], b[:2]]))
     # each window of one shard is one shard's rows, shuffled: a rank reads one shard at a time
     assert len(set(a[:5, 0].tolist())) == 1 or len(set(a[:4, 0].tolist())) == 1
+
+
+def test_evaluate_figures_match_the_codes_the_model_gives():
+    """The eval figures recomputed from the model's own codes and reconstructions: a histogram, MSE or perplexity
+    bug shows here (codes_used + dead_codes = vocab alone holds whatever ``used`` is)."""
+    from pipeline.dvae.eval import evaluate, psnr
+
+    torch.manual_seed(0)
+    model = DVAE(DVAEShape(vocab_size=16, n_hid=8, group_count=2, n_blk_per_group=1))
+    images = torch.rand(5, 3, 16, 16)
+    figures, rec = evaluate(model, images, batch=2)  # batches of 2: the figures must not depend on the batching
+    codes = model.encode(images)
+    want = model.decode(codes).float().clamp(0, 1)
+    assert torch.allclose(rec, want, atol=1e-6)
+    mse = float(torch.mean((want - images) ** 2))
+    assert figures["heldout_mse"] == pytest.approx(mse, rel=1e-5)
+    assert figures["heldout_psnr"] == pytest.approx(psnr(mse))
+    _, counts = np.unique(codes.numpy(), return_counts=True)
+    p = counts / counts.sum()
+    assert figures["codes_used"] == len(counts) and figures["dead_codes"] == 16 - len(counts)
+    assert figures["perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-6)
+    assert figures["constant_baseline_mse"] == pytest.approx(float(((images - images.mean(0)) ** 2).mean()), rel=1e-5)

@@ -57,7 +57,7 @@ def test_tiny_dvae_beats_constant_image_baseline(tmp_path, monkeypatch):
     assert result["heldout_mse"] < 0.6 * result["constant_baseline_mse"], result
     assert result["heldout_mse"] < 0.9 * result["flat_colour_baseline_mse"], result
     assert result["heldout_psnr"] > 14 and result["codes_used"] >= 4 and result["perplexity"] > 2, result
-    assert result["dead_codes"] == 32 - result["codes_used"]
+    assert result["perplexity"] <= result["codes_used"]  # exp(entropy) never exceeds the codes in use
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["result"] == result and [e["step"] for e in doc["evals"]] == [200, 400]
     losses = [h["loss"] for h in doc["history"]]

@@ -180,3 +180,32 @@ def test_old_shape_dicts_load_and_sparse_models_keep_state_dict_keys():
     sparse(pad_text([[1]], 5, 50), torch.zeros(1, 16, dtype=torch.long))  # builds the cached masks
     assert list(dense.state_dict()) == list(sparse.state_dict())
     sparse.load_state_dict(dense.state_dict(), strict=True)
+
+
+def test_guidance_moves_the_logits_away_from_the_unconditional_ones():
+    """Classifier-free guidance is uncond + s·(cond − uncond): s > 1 strengthens what the caption adds. Checked on
+    the formula and on what it does: a token the caption favours gains probability beyond the conditional model's."""
+    from pipeline.prior.transformer import _guide
+
+    cond = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 3.0]])
+    uncond = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    logits = torch.cat([cond, uncond]).to(torch.bfloat16)
+    guided = _guide(logits, 2, 3.0)
+    assert guided.dtype == torch.float32 and guided.shape == (2, 3)
+    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond))
+    assert torch.equal(_guide(logits, 2, 1.0), logits)  # scale 1: the conditional logits untouched
+    assert torch.allclose(_guide(logits, 2, 0.0), uncond)
+    p_cond, p_guided = cond.softmax(-1), guided.softmax(-1)
+    assert p_guided[0, 0] > p_cond[0, 0] and p_guided[1, 2] > p_cond[1, 2]
+
+
+def test_top_p_keeps_the_smallest_nucleus_and_rejects_zero():
+    from pipeline.prior.transformer import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(_sample(logits, 1.0, 0, g, top_p=0.75)) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75: tokens 2 and 3 are never drawn
+    assert {int(_sample(logits, 1.0, 0, g, top_p=0.4)) for _ in range(50)} == {0}  # the top token always stays
+    with pytest.raises(ValueError, match="top_p"):
+        _sample(logits, 1.0, 0, g, top_p=0.0)

@@ -31,12 +31,14 @@ def shard_rows(shard_id: int, n: int) -> dict:
 
 
 def write_shard(folder: str, shard_id: int, n: int = 40, meta: dict = META, rows: dict | None = None,
-                grid: int = GRID, row_group_size: int = 7, committed: bool = True) -> dict:
-    """A token shard with small row groups, committed the repo's way: Parquet first, then the marker."""
+                grid: int = GRID, row_group_size: int = 7, committed: bool = True, emb: float = 0.0) -> dict:
+    """A token shard with small row groups, committed the repo's way: Parquet first, then the marker. Every CLIP
+    embedding is ``emb`` everywhere (0: unusable, as rows without embeddings read)."""
     rows = dict(rows or shard_rows(shard_id, n))
     n = len(rows["key"])
     rows |= {"url": [""] * n, "caption": ["c"] * n, "sha256": [""] * n, "width": [16] * n, "height": [16] * n,
-             "clip_image_emb": np.zeros((n, 4)), "clip_text_emb": np.zeros((n, 4)), "clip_similarity": np.zeros(n)}
+             "clip_image_emb": np.full((n, 4), emb), "clip_text_emb": np.full((n, 4), emb),
+             "clip_similarity": np.zeros(n)}
     table = schema.build_table(rows, grid, 4, dict(meta, source_shard=f"{shard_id:05d}"))
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size)
@@ -313,3 +315,33 @@ def test_duplicate_keys_in_a_row_group_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"row key 's00-0002' appears more than once"):
         next(iter(loader.batches()))
     loader.close()
+
+
+def test_held_out_rows_are_read_but_never_valid_for_the_loss(tmp_path):
+    """The diffusion prior's held-out split: rows whose key hash falls in ``heldout_percent`` stay in the batch
+    order (resume relies on it) but ``valid`` is False for exactly them: the loss never trains on what eval-prior
+    scores."""
+    folder = str(tmp_path / "tokens")
+    for sid, n in ((0, 40), (1, 33)):
+        write_shard(folder, sid, n, emb=0.5)
+    plan = make_plan(folder, 7)
+    with TokenLoader(plan, **{**ARGS, "micro_batch": 8}, embeddings=True, heldout_percent=25.0) as loader:
+        batches = take(loader, loader.epoch_steps(0))
+    keys = [k for b in batches for k in b.keys]
+    valid = np.concatenate([b.valid.numpy() for b in batches])
+    held = prior_data.heldout_mask(keys, 25.0)
+    assert 0 < held.sum() < len(keys)  # both kinds are in the epoch
+    assert np.array_equal(valid, ~held)
+    with TokenLoader(plan, **{**ARGS, "micro_batch": 8}, embeddings=True, heldout_percent=0.0) as loader:
+        assert all(bool(b.valid.all()) for b in take(loader, 3))  # no split: every usable row counts
+
+
+def test_plan_fingerprint_follows_the_shards_and_row_groups(tmp_path, tokens):
+    """The fingerprint a checkpoint stores to refuse a resume on other data: the same plan gives the same one, a
+    plan over other row groups another; 16 hex digits (checkpoints written before compare it as text)."""
+    folder, _ = tokens
+    plan = make_plan(folder, 7)
+    assert plan.fingerprint() == make_plan(folder, 7).fingerprint() == DataPlan.from_json(plan.to_json()).fingerprint()
+    assert len(plan.fingerprint()) == 16 and int(plan.fingerprint(), 16) >= 0
+    write_shard(folder, 3, 10)
+    assert make_plan(folder, 7).fingerprint() != plan.fingerprint()

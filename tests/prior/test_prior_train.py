@@ -137,6 +137,30 @@ def test_kill_mid_training_and_during_save_then_resume_exactly(tmp_path, tokens,
 
 
 @pytest.mark.slow
+def test_resume_with_gradient_accumulation_continues_at_the_right_micro_batch(tmp_path, tokens):
+    """gradient_accumulation_steps=2: an optimizer step consumes two micro-batches, so a resume at step 4 must read
+    from micro-batch 8. Killed at step 6, resumed: the same keys per step and the same losses as a run never
+    interrupted (one rank: what is under test is the data position, not the ranks)."""
+    gas = {"gradient_accumulation_steps": 2, "num_procs": 1, "steps": 8, "save_every": 4, "micro_batch_size": 4}
+    ref_out, out = tmp_path / "ref", tmp_path / "prior"
+    ref = launch(config(tmp_path, tokens, str(ref_out), **gas))
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    ref_keys = (ref_out / "keys.rank0.txt").read_text().splitlines()
+    assert [sum(1 for k in ref_keys if k.startswith(f"{s}\t")) for s in range(8)] == [2 * 4] * 8
+    assert len({k.split("\t")[1] for k in ref_keys}) == 64  # 8 steps × 2 × 4 rows, all of one 120-row epoch
+    ds = json.loads((ref_out / "step00000008" / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 8
+    killed = launch(config(tmp_path, tokens, str(out), **gas), fault="step:6")
+    assert killed.returncode != 0 and (out / "latest_complete").read_text() == "step00000004"
+    done = launch(config(tmp_path, tokens, str(out), **gas))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "at step 4" in done.stdout + done.stderr
+    assert (out / "keys.rank0.txt").read_text().splitlines() == ref_keys
+    ref_l, got = losses(ref_out), losses(out)
+    assert sorted(got) == list(range(1, 9)) and max(abs(got[s] - ref_l[s]) for s in ref_l) < 1e-6
+
+
+@pytest.mark.slow
 def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
     out = tmp_path / "prior"
     proc = launch(config(tmp_path, tokens, str(out), zero_stage=3, save_every=0, record_keys=False, steps=16),

@@ -2,6 +2,7 @@ import pytest
 
 from pipeline.config import PriorConfig
 from pipeline.runtime import ds_seam
+from pipeline.storage.urls import Workspace
 
 
 def test_ds_config_follows_typed_config():
@@ -64,6 +65,9 @@ def test_offload_needs_a_matching_zero_stage():
 
 
 def test_load_that_finds_nothing_raises(tmp_path):
+    # A stand-in for the engine on purpose: what is under test is our refusal when DeepSpeed's load_checkpoint
+    # returns (None, None) (it logs and returns that for a folder it cannot read) and when the world size differs
+    # from the checkpoint's; a real engine would need 2 and 4 ranks. Real loads: tests/prior/test_prior_train.py.
     class Engine:
         world_size = 2
 
@@ -73,10 +77,10 @@ def test_load_that_finds_nothing_raises(tmp_path):
     (tmp_path / "step1").mkdir()
     (tmp_path / "step1" / "complete.json").write_text('{"world_size": 2, "files": {}}')
     with pytest.raises(ds_seam.CheckpointError, match="found no checkpoint"):
-        ds_seam.load_checkpoint(Engine(), str(tmp_path), "step1")
+        ds_seam.load_checkpoint(Engine(), Workspace(str(tmp_path)), "step1")
     Engine.world_size = 4
     with pytest.raises(ds_seam.CheckpointError, match="written by 2 ranks, resuming on 4"):
-        ds_seam.load_checkpoint(Engine(), str(tmp_path), "step1")
+        ds_seam.load_checkpoint(Engine(), Workspace(str(tmp_path)), "step1")
 
 
 def test_user_ds_config_json_really_overrides(tmp_path):

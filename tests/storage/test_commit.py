@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -30,4 +31,26 @@ def test_atomic_write_replaces_whole(tmp_path):
     commit.atomic_write(fs, f"{folder}/x", b"one")
     commit.atomic_write(fs, f"{folder}/x", b"two")
     assert (tmp_path / "x").read_bytes() == b"two"
-    assert commit.sha256_file(fs, f"{folder}/x") == commit.sha256_file(fs, f"{folder}/x")
+    assert commit.sha256_file(fs, f"{folder}/x") == hashlib.sha256(b"two").hexdigest()
+
+
+def test_join_fingerprint_write_text_remove_and_debris(tmp_path):
+    """The small helpers every stage leans on, each with the answer a bug would change."""
+    assert commit.join("s3://b/run/", "tokens") == "s3://b/run/tokens"
+    assert commit.join("/", "x") == "/x" and commit.join("", "a", "/b/") == "a/b"
+    a = commit.fingerprint({"out": tmp_path / "x", "n": 1})  # a Path is fingerprinted by its text
+    assert a == commit.fingerprint({"n": 1, "out": str(tmp_path / "x")}) and len(a) == 16
+    assert a != commit.fingerprint({"n": 2, "out": str(tmp_path / "x")})
+    commit.write_text(str(tmp_path / "t.txt"), "hello")
+    assert (tmp_path / "t.txt").read_text() == "hello"
+    fs, folder = commit.fs_and_path(str(tmp_path))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(OSError):
+        commit.remove(fs, f"{folder}/full")  # not recursive: a non-empty folder stays
+    assert (tmp_path / "full" / "f").exists()
+    (tmp_path / "00001.parquet.tmp-1234abcd").write_bytes(b"half")
+    (tmp_path / "_staging").mkdir()
+    removed = commit.clear_debris(fs, folder, ("_staging", "_plan"))
+    assert sorted(removed) == [f"{folder}/00001.parquet.tmp-1234abcd", f"{folder}/_staging"]
+    assert not (tmp_path / "_staging").exists() and (tmp_path / "full").exists()

@@ -62,3 +62,59 @@ def test_duplicate_keys_inside_one_write_are_refused(tmp_path):
     rows = concat([{k: v for k, v in _batch([(0, "x", ""), (0, "x", "")]).items() if k not in ("shard_id", "reject")}])
     with pytest.raises(ValueError, match="duplicate keys"):
         write_token_shard(str(tmp_path), 0, rows, META)
+
+
+def test_the_marker_is_written_after_the_parquet_and_never_without_it(tmp_path, monkeypatch):
+    """Commit protocol: a crash while the Parquet file is being written must leave the shard uncommitted (no marker),
+    and in a clean commit the marker is the last file published."""
+    from pipeline.tokenize.writer import concat, write_token_shard
+
+    rows = concat([{k: v for k, v in _batch([(0, "a", ""), (0, "b", "")]).items() if k not in ("shard_id", "reject")}])
+    folder = str(tmp_path / "tokens")
+    fs, path = commit.fs_and_path(folder)
+    real = commit.atomic_write
+    published: list[str] = []
+
+    def dies_on_parquet(fs_, p, data):
+        if p.endswith(".parquet"):
+            raise OSError("disk gone mid-write")
+        published.append(p)
+        real(fs_, p, data)
+
+    monkeypatch.setattr(commit, "atomic_write", dies_on_parquet)
+    with pytest.raises(OSError, match="disk gone"):
+        write_token_shard(folder, 0, rows, META)
+    assert commit.committed_shards(fs, path) == {} and published == [], "a marker without its Parquet file"
+
+    def records(fs_, p, data):
+        published.append(p.rsplit("/", 1)[-1])
+        real(fs_, p, data)
+
+    monkeypatch.setattr(commit, "atomic_write", records)
+    manifest = write_token_shard(folder, 0, rows, META)
+    assert published == ["00000.parquet", "00000.done.json"]
+    assert manifest["bytes"] == (tmp_path / "tokens" / "00000.parquet").stat().st_size
+    assert commit.committed_shards(fs, path)[0]["rows"] == 2
+
+
+def test_token_id_zero_is_kept_padding_dropped_and_reject_reasons_counted(tmp_path):
+    """BPE id 0 is a real token ('!' in CLIP's vocabulary): only the -1 padding of the encoder's batches is dropped.
+    Reject reasons are counted by kind, each reject once."""
+    from pipeline.tokenize.writer import concat, write_token_shard
+
+    batch = {k: v for k, v in _batch([(0, "a", ""), (0, "b", "")]).items() if k not in ("shard_id", "reject")}
+    batch["text_tokens"] = np.array([[0, 5, -1], [7, 0, 0]], dtype=np.int32)
+    rejects = {"c": "decode_error: OSError", "d": "decode_error: truncated", "e": "empty_caption"}
+    manifest = write_token_shard(str(tmp_path), 0, concat([batch]), META, rejects)
+    tokens = pq.read_table(tmp_path / "00000.parquet").column("text_tokens").to_pylist()
+    assert tokens == [[0, 5], [7, 0, 0]]
+    assert manifest["rejects"] == {"decode_error": 2, "empty_caption": 1} and manifest["rejected_keys"] == rejects
+
+
+def test_an_empty_shard_has_the_grid_of_its_metadata(tmp_path):
+    """A shard whose every URL failed still gets a token shard, typed like the others (grid 4: 16 codes a row)."""
+    meta = dict(META, grid=4)
+    asm = ShardAssembler(str(tmp_path), meta, {0: 0})
+    asm.commit(0)
+    table = pq.read_table(tmp_path / "00000.parquet")
+    assert table.num_rows == 0 and table.schema.field("image_tokens").type.list_size == 16

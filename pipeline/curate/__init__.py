@@ -1,0 +1,1 @@
+"""Curating what a run trains on: per-run filters, near-duplicate detection, published embeddings in."""
