@@ -36,7 +36,7 @@ demo: setup
 
 test: setup browser
 	$(BIN)/ruff check pipeline jobs tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=40 tests
 
 lint: setup
 	$(BIN)/ruff check pipeline jobs tests benchmarks

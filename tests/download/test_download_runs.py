@@ -36,14 +36,17 @@ def test_a_second_run_into_the_same_folder_is_refused_and_nothing_is_fetched_twi
     samples = synth.make_samples(60, 0.1, seed=1)[0][:32]
     png = {i: synth.render_png(s, 32) for i, s in enumerate(samples)}
     hits: Counter[int] = Counter()
+    gate = threading.Event()
 
-    def slow(i: int) -> bytes | None:
+    def held(i: int) -> bytes | None:
         hits[i] += 1
-        time.sleep(0.1)  # long enough that the first run is still working when the second starts
+        # The first run is held mid-fetch until the second has been refused: a timed sleep let a fast machine
+        # finish the first run (and free its lease) before the second one started.
+        gate.wait(120)
         return png.get(i)
 
-    with ImageServer(slow) as server:
-        args = _config(tmp_path, server, 32, str(tmp_path / "images"))
+    with ImageServer(held) as server:
+        args = _config(tmp_path, server, 32, str(tmp_path / "images"), "download.timeout=180")
         cfg = load_config(args[1], args[2:])
         result: dict = {}
         first = threading.Thread(target=lambda: result.update(run_download(cfg)))
@@ -54,7 +57,10 @@ def test_a_second_run_into_the_same_folder_is_refused_and_nothing_is_fetched_twi
             time.sleep(0.05)
         with pytest.raises(LeaseHeldError, match=r"images is being written by download run \w+ \(host .*pid "
                                                  rf"{os.getpid()}\) since"):
-            run_download(cfg)
+            try:
+                run_download(cfg)
+            finally:
+                gate.set()
         first.join(120)
     assert result["successes"] == 32 and result["shards_committed"] == 4 and not result["shards_failed"]
     assert sorted(hits) == list(range(32)) and set(hits.values()) == {1}, "a URL was fetched twice"
