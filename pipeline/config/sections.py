@@ -12,6 +12,11 @@ from pipeline.config.checks import ConfigError
 from pipeline.config.checks import check as _check
 from pipeline.config.placement import Hardware, TrainerPlacement, check_resources
 
+_TEXT_FORMATS = ("csv", "tsv", "jsonl", "json", "txt")
+INPUT_FORMATS = ("parquet",) + _TEXT_FORMATS + tuple(f + ".gz" for f in _TEXT_FORMATS)  # img2dataset's Reader's
+HASH_ALGORITHMS = ("md5", "sha256", "sha512")  # what img2dataset's verify_hash accepts
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's disallowed_header_directives
+
 
 @dataclass
 class DataConfig:
@@ -35,7 +40,11 @@ class DownloadConfig:
     """URL list → resized image shards (img2dataset pieces on Ray tasks)."""
 
     input: str = ""
-    """URL list: file, folder or glob; parquet/csv/tsv/jsonl; local or s3://. Empty: the demo's list."""
+    """URL list: file, folder or glob; parquet/csv/tsv/jsonl/json/txt; local or s3://. Empty: the demo's list."""
+    input_format: str = ""
+    """img2dataset's input_format: parquet, csv, tsv, jsonl, json or txt (one URL per line, no header, no captions;
+    the text ones optionally .gz). Empty: each file's from its extension; set, a folder's files of that extension
+    and a named file of any name are read as it."""
     url_col: str = "url"
     """Column of the URL list holding the image URLs (img2dataset's url_col)."""
     caption_col: str = "caption"
@@ -50,7 +59,9 @@ class DownloadConfig:
     image_size: int = 32
     """Side in pixels the images are resized to (img2dataset's image_size)."""
     resize_mode: str = "center_crop"
-    """How images are fitted to image_size, as img2dataset's resize_mode: no, border, keep_ratio, center_crop."""
+    """How images are fitted to image_size, as img2dataset's resize_mode: no, border (longest side to image_size,
+    padded white to a square), keep_ratio (shortest side to image_size), keep_ratio_largest (longest side to
+    image_size, not padded), center_crop (shortest side, then the centre square)."""
     output_format: str = "webdataset"
     """webdataset ({shard}.tar with .jpg/.txt/.json per sample) or parquet (image bytes in a column)."""
     encode_format: str = "jpg"
@@ -90,7 +101,14 @@ class DownloadConfig:
     drop_empty_captions: bool = True
     """A row whose caption is empty becomes an empty_caption row instead of a sample."""
     honor_opt_out: bool = True
-    """Skip images served with X-Robots-Tag noai / noimageai."""
+    """Skip images whose X-Robots-Tag names one of disallowed_header_directives (rows end opted_out)."""
+    disallowed_header_directives: list[str] = field(default_factory=lambda: list(OPT_OUT_DIRECTIVES))
+    """X-Robots-Tag directives that opt an image out (img2dataset's option and default list), for every user agent
+    or for img2dataset's; case-insensitive. An empty list (or honor_opt_out: false) honours none."""
+    verify_hash: list[str] = field(default_factory=list)
+    """[column, algorithm] (img2dataset's verify_hash), e.g. [sha256, sha256]: the URL list's column holding the hex
+    digest (md5, sha256 or sha512) of each image's downloaded bytes; a row whose bytes differ (or that has no
+    digest) ends hash_mismatch. Empty: no check."""
     dedup_urls: bool = True
     """A URL seen earlier in the input becomes a duplicate_url row instead of a second download."""
     dedup_images: bool = True
@@ -111,8 +129,15 @@ class DownloadConfig:
     def __post_init__(self) -> None:
         _check(self.shard_size > 0, "download.shard_size", "must be > 0")
         _check(self.image_size >= 8, "download.image_size", "must be >= 8")
-        _check(self.resize_mode in {"no", "border", "keep_ratio", "center_crop"}, "download.resize_mode",
-               "must be one of no, border, keep_ratio, center_crop")
+        _check(self.resize_mode in {"no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"},
+               "download.resize_mode", "must be one of no, border, keep_ratio, keep_ratio_largest, center_crop")
+        _check(self.input_format.lower() in INPUT_FORMATS + ("",), "download.input_format",
+               f"must be one of {', '.join(INPUT_FORMATS)} (or empty: from each file's extension)")
+        _check(not self.verify_hash or (len(self.verify_hash) == 2 and bool(str(self.verify_hash[0]))
+                                        and self.verify_hash[1] in HASH_ALGORITHMS), "download.verify_hash",
+               f"must be [column, algorithm] with algorithm one of {', '.join(HASH_ALGORITHMS)} (or empty)")
+        _check(all(isinstance(d, str) and d.strip() for d in self.disallowed_header_directives),
+               "download.disallowed_header_directives", "must be a list of non-empty directive names")
         _check(self.output_format in {"webdataset", "parquet"}, "download.output_format",
                "must be 'webdataset' or 'parquet'")
         _check(self.encode_format in {"jpg", "png", "webp"}, "download.encode_format", "must be jpg, png or webp")

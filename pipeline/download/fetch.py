@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import urljoin, urlsplit
 
+from pipeline.config.sections import OPT_OUT_DIRECTIVES
 from pipeline.download.connections import GuardedHTTP, GuardedHTTPS, Pool, PoolKey, TLSFailure
 
 OK = "ok"
 FETCH_CODES = ("bad_url", "blocked_address", "dns_error", "dns_temporary", "connect_error", "connection_reset",
                "timeout", "tls_error", "http_4xx", "http_429", "http_5xx", "redirect_loop", "too_large", "truncated",
-               "opted_out")
+               "opted_out", "hash_mismatch")  # hash_mismatch: the body against download.verify_hash, decided by shard
 TRANSIENT = frozenset({"dns_temporary", "connect_error", "connection_reset", "timeout", "http_429", "http_5xx",
                        "truncated"})
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -56,7 +57,7 @@ class FetchLimits:
     """Extra attempts after a transient failure, inside the deadline."""
     max_retry_after_s: float = 10.0
     user_agent_token: str | None = "img2dataset"
-    disallowed_directives: frozenset[str] = frozenset({"noai", "noimageai"})
+    disallowed_directives: frozenset[str] = frozenset(OPT_OUT_DIRECTIVES)
     """X-Robots-Tag directives that opt an image out; empty to ignore opt-outs."""
     ca_bundle: str = ""
     """PEM file of the CAs HTTPS trusts; empty: the system store."""

@@ -34,6 +34,7 @@ IMAGE_CODES = ("empty_body", "not_an_image", "too_many_pixels", "too_small", "ba
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 _ENCODE = {"jpg": cv2.IMWRITE_JPEG_QUALITY, "png": cv2.IMWRITE_PNG_COMPRESSION, "webp": cv2.IMWRITE_WEBP_QUALITY}
 _OWN_FORMATS = ("JPEG", "PNG", "WEBP")
+_LONGEST = ("border", "keep_ratio_largest")  # the modes that fit the longest side to the target
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Processed:
 class ImageProcessor:
     def __init__(self, image_size: int, resize_mode: str, encode_format: str, encode_quality: int,
                  limits: ImageLimits, reduced_decode: bool = True):
-        if resize_mode not in ("no", "keep_ratio", "center_crop", "border"):
+        if resize_mode not in ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"):
             raise ValueError(f"Invalid option for resize_mode: {resize_mode}")
         if encode_format not in _ENCODE:
             raise ValueError(f"Invalid encode format {encode_format}")
@@ -119,14 +120,15 @@ class ImageProcessor:
         return None
 
     def _reduction(self, w: int, h: int) -> int:
-        if self.mode not in ("center_crop", "keep_ratio", "border"):
+        if self.mode == "no":
             return 1
-        side = min(w, h) if self.mode != "border" else max(w, h)
+        side = max(w, h) if self.mode in _LONGEST else min(w, h)
         return next((k for k, _ in _REDUCED if side >= k * self.size), 1)
 
     def _geometry(self, img: np.ndarray, w: int, h: int) -> np.ndarray:
-        """The Resizer's geometry — SmallestMaxSize (+ CenterCrop) or LongestMaxSize (+ white padding) — with its
-        interpolation chosen from the *original* size: area when it shrinks, Lanczos when it enlarges."""
+        """The Resizer's geometry — SmallestMaxSize (+ CenterCrop) or LongestMaxSize (+ white padding for border, none
+        for keep_ratio_largest) — with its interpolation chosen from the *original* size: area when it shrinks,
+        Lanczos when it enlarges."""
         hh, ww = img.shape[:2]
         if self.mode == "no":
             return _matte(img)
@@ -139,7 +141,7 @@ class ImageProcessor:
             return _resize(img, self.size, self.size, min(w, h) > self.size)
         img = _matte(img)
         border = self.mode == "border"
-        side = max(w, h) if border else min(w, h)  # sizes from the original, as the Resizer computes them
+        side = max(w, h) if self.mode in _LONGEST else min(w, h)  # from the original, as the Resizer computes them
         if side != self.size:
             scale = self.size / side
             img = _resize(img, max(1, round(w * scale)), max(1, round(h * scale)), side > self.size)

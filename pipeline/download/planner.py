@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob as globlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -22,12 +23,13 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig
+from pipeline.config.sections import INPUT_FORMATS
 from pipeline.download.shard import OOM_SHARD_COUNT, ShardPlan, extra_fields
 from pipeline.download.writer import sample_key
 from pipeline.errors import InputError
 from pipeline.storage import commit
 
-FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
+FORMATS = ("parquet", "csv", "tsv", "jsonl", "json", "txt")
 
 
 def img2dataset_reader() -> type:
@@ -50,8 +52,12 @@ def img2dataset_reader() -> type:
     return sys.modules[name].Reader
 
 
-def input_format(path: str) -> str:
-    """img2dataset's input_format for a file name: parquet, csv, tsv, jsonl, json, optionally with .gz."""
+def input_format(path: str, configured: str = "") -> str:
+    """img2dataset's input_format for a file: ``configured`` (download.input_format) when set, else from the name:
+    parquet, csv, tsv, jsonl, json, txt, optionally with .gz."""
+    if configured:
+        assert configured.lower() in INPUT_FORMATS, configured  # the config checked it
+        return configured.lower()
     name = path.lower()
     gz = name.endswith(".gz")
     base = name[:-3] if gz else name
@@ -63,8 +69,9 @@ def input_format(path: str) -> str:
     raise InputError(f"{path}: unsupported URL list format (expected one of {', '.join(FORMATS)}, optionally .gz)")
 
 
-def expand_input(spec: str) -> list[str]:
-    """A file, a folder (every supported file in it) or a glob → sorted list of files, local or remote."""
+def expand_input(spec: str, fmt: str = "") -> list[str]:
+    """A file, a folder (every supported file in it; with ``fmt``, every file of that extension) or a glob → sorted
+    list of files, local or remote."""
     if not spec:
         raise InputError("download.input is empty: give a URL list file, folder or glob")
     fs, path = commit.fs_and_path(spec)
@@ -73,7 +80,7 @@ def expand_input(spec: str) -> list[str]:
     if globlib.has_magic(path):
         files = sorted(fs.glob(path))
     elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if _supported(p))
+        files = sorted(p for p in fs.find(path) if _supported(p, fmt))
     elif fs.exists(path):
         files = [path]
     else:
@@ -82,11 +89,13 @@ def expand_input(spec: str) -> list[str]:
     if not files:
         raise InputError(f"{spec}: no URL list files found")
     for f in files:
-        input_format(f)
+        input_format(f, fmt)
     return files
 
 
-def _supported(path: str) -> bool:
+def _supported(path: str, fmt: str = "") -> bool:
+    if fmt:
+        return path.lower().endswith("." + fmt.lower())
     try:
         input_format(path)
         return True
@@ -100,9 +109,12 @@ def shard_settings(cfg: DownloadConfig, files: list[str]) -> dict[str, Any]:
     Input files are fingerprinted by content (sha256), so a reordered or edited list is caught, not just a resized one.
     Network knobs (threads, timeouts, retries) are left out: changing them on resume is fine.
     """
-    extra = {"save_additional_columns": cfg.save_additional_columns} if cfg.save_additional_columns else {}
+    extra: dict[str, Any] = {k: getattr(cfg, k) for k in ("save_additional_columns", "input_format", "verify_hash")
+                             if getattr(cfg, k)}
+    if cfg.honor_opt_out and sorted(cfg.disallowed_header_directives) != ["noai", "noimageai"]:
+        extra["disallowed_header_directives"] = cfg.disallowed_header_directives  # beyond the list it once fixed
     return {
-        **extra,  # only when set: runs recorded before the option existed still match their reruns
+        **extra,  # only when set (or changed): runs recorded before the option existed still match their reruns
         "input_files": {f: _content_hash(f) for f in files}, "url_col": cfg.url_col, "caption_col": cfg.caption_col,
         "shard_size": cfg.shard_size, "image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
         "output_format": cfg.output_format, "encode_format": cfg.encode_format, "encode_quality": cfg.encode_quality,
@@ -136,15 +148,18 @@ def plan_shards(cfg: DownloadConfig, files: list[str], done: set[int],
     hashes: list[tuple[int, np.ndarray]] = []
     for f in files:
         _check_columns(f, cfg)
+        hash_col, hash_type = cfg.verify_hash or (None, None)
         try:
-            reader = img2dataset_reader()(f, input_format(f), cfg.url_col, cfg.caption_col or None, None, None,
-                                          cfg.save_additional_columns or None, cfg.shard_size, done, plan_dir, next_id)
+            reader = img2dataset_reader()(f, input_format(f, cfg.input_format), cfg.url_col, cfg.caption_col or None,
+                                          hash_col, hash_type, cfg.save_additional_columns or None, cfg.shard_size,
+                                          done, plan_dir, next_id)
             shards, count = reader._save_to_arrow(f, next_id)  # one file at a time keeps ids contiguous
         except KeyError as exc:
             raise InputError(f"{f}: column {exc} not found (set download.url_col / download.caption_col / "
-                             "download.save_additional_columns)") from exc
+                             "download.save_additional_columns / download.verify_hash)") from exc
         except Exception as exc:  # noqa: BLE001 — surface pandas/pyarrow parse errors with the file name and row
-            raise InputError(f"{f}: cannot read URL list ({type(exc).__name__}: {exc}){_bad_utf8_line(f)}") from exc
+            raise InputError(f"{f}: cannot read URL list ({type(exc).__name__}: {exc})"
+                             f"{_bad_utf8_line(f, cfg.input_format)}") from exc
         if shards and cfg.save_additional_columns:
             extra_fields(shards[0][1], cfg.save_additional_columns, f)  # a type no shard can carry: named now
         if cfg.dedup_urls:
@@ -163,7 +178,7 @@ def _url_hashes(path: str, cfg: DownloadConfig) -> np.ndarray:
     import pandas as pd
 
     fs, p = commit.fs_and_path(path)
-    fmt = input_format(path)
+    fmt = input_format(path, cfg.input_format)
     with fs.open(p, "rb", compression="gzip" if fmt.endswith(".gz") else None) as f:
         if fmt == "parquet":
             col = pq.read_table(f, columns=[cfg.url_col]).column(0)
@@ -173,6 +188,8 @@ def _url_hashes(path: str, cfg: DownloadConfig) -> np.ndarray:
                                   convert_options=pa_csv.ConvertOptions(include_columns=[cfg.url_col])).column(0)
         elif fmt.startswith("jsonl"):
             col = pa_json.read_json(f).column(cfg.url_col)
+        elif fmt.startswith("txt"):  # one URL per line, no header: as img2dataset's Reader reads it
+            col = pa_csv.read_csv(f, read_options=pa_csv.ReadOptions(column_names=["url"])).column(0)
         else:  # json arrays: the Reader itself goes through pandas
             col = pa.array(pd.read_json(f)[cfg.url_col].tolist())
     urls = np.asarray(col.to_pylist(), dtype=object)
@@ -196,13 +213,14 @@ def duplicate_urls(hashes: list[tuple[int, np.ndarray]], shard_size: int) -> dic
     return out
 
 
-def _bad_utf8_line(path: str) -> str:
+def _bad_utf8_line(path: str, fmt: str = "") -> str:
     """' (first non-UTF-8 bytes at line N)' when that is why a text list failed to parse, else ''."""
-    if input_format(path).startswith("parquet"):
+    fmt = input_format(path, fmt)
+    if fmt.startswith("parquet"):
         return ""
     fs, p = commit.fs_and_path(path)
     try:
-        with fs.open(p, "rb", compression="gzip" if path.endswith(".gz") else None) as f:
+        with fs.open(p, "rb", compression="gzip" if fmt.endswith(".gz") else None) as f:
             for n, line in enumerate(f, start=1):
                 try:
                     line.decode("utf-8")
@@ -213,20 +231,43 @@ def _bad_utf8_line(path: str) -> str:
     return ""
 
 
-def _check_columns(path: str, cfg: DownloadConfig) -> None:
-    """Name a missing url/caption column before img2dataset's reader fails on it less clearly."""
-    if input_format(path) != "parquet":
-        return  # text formats: img2dataset raises KeyError, turned into the same message by plan_shards
+def _column_names(path: str, fmt: str) -> list[str] | None:
+    """The URL list's columns, read from its header or first record (None for a JSON array: only parsing it all
+    tells, and img2dataset's Reader does that next)."""
     fs, p = commit.fs_and_path(path)
     try:
-        with fs.open(p, "rb") as f:
-            names = pq.read_schema(f).names
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
-    for key, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
+        with fs.open(p, "rb", compression="gzip" if fmt.endswith(".gz") else None) as f:
+            if fmt == "parquet":
+                return pq.read_schema(f).names
+            if fmt.startswith(("csv", "tsv")):
+                parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",")
+                return pa_csv.open_csv(f, parse_options=parse).schema.names
+            if fmt.startswith("jsonl"):
+                first = f.readline()
+                return list(json.loads(first)) if first.strip() else []
+    except Exception as exc:  # noqa: BLE001 — the reason, with the file's name
+        kind = "Parquet file" if fmt == "parquet" else f"{fmt} URL list"
+        raise InputError(f"{path}: not a readable {kind} ({type(exc).__name__}: {exc}){_bad_utf8_line(path, fmt)}"
+                         ) from exc
+    return None
+
+
+def _check_columns(path: str, cfg: DownloadConfig) -> None:
+    """Name a missing column of the URL list before any download (img2dataset's Reader fails on it less clearly,
+    or, for a txt list, reads past the option)."""
+    fmt = input_format(path, cfg.input_format)
+    if fmt.startswith("txt"):
+        for key in ("verify_hash", "save_additional_columns"):
+            if getattr(cfg, key):
+                raise InputError(f"{path}: download.{key} names a column, but a txt URL list holds only URLs "
+                                 "(one a line); use a csv, tsv, jsonl or parquet list")
+        return
+    names = _column_names(path, fmt)
+    if names is None:
+        return  # a JSON array: the Reader's KeyError becomes the same message in plan_shards
+    wanted = [("url_col", cfg.url_col), ("caption_col", cfg.caption_col)]
+    wanted += [("save_additional_columns", col) for col in cfg.save_additional_columns]
+    wanted += [("verify_hash", cfg.verify_hash[0])] if cfg.verify_hash else []
+    for key, col in wanted:
         if col and col not in names:
-            raise InputError(f"{path}: column '{col}' not found (set download.{key}; columns: {', '.join(names)})")
-    for col in cfg.save_additional_columns:
-        if col not in names:
-            raise InputError(f"{path}: column '{col}' of download.save_additional_columns not found (columns: "
-                             f"{', '.join(names)})")
+            raise InputError(f"{path}: column '{col}' of download.{key} not found (columns: {', '.join(names)})")

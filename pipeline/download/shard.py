@@ -72,7 +72,8 @@ class Outcome:
 
 
 def fetch_limits(cfg: DownloadConfig) -> FetchLimits:
-    directives = frozenset({"noai", "noimageai"}) if cfg.honor_opt_out else frozenset()
+    directives = frozenset(d.strip().lower() for d in cfg.disallowed_header_directives) if cfg.honor_opt_out \
+        else frozenset()
     return FetchLimits(deadline_s=cfg.deadline, io_timeout_s=cfg.timeout, max_bytes=cfg.max_bytes,
                        max_redirects=cfg.max_redirects, retries=cfg.retries, disallowed_directives=directives,
                        ca_bundle=cfg.ca_bundle, keep_alive=cfg.keep_alive)
@@ -151,8 +152,8 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
         elif i in plan.duplicates:
             outcomes[i] = Outcome("duplicate_url", "URL seen earlier in the input", meta={
                 "duplicate_of": plan.duplicates[i]})
-        else:
-            outcomes[i] = check_caption(row.get("caption"), cfg)
+        elif "caption" in row:  # a list without captions (txt, or caption_col empty) has nothing to filter
+            outcomes[i] = check_caption(row["caption"], cfg)
     todo = [i for i, o in enumerate(outcomes) if o is None]
     limits, policy, proc = fetch_limits(cfg), AddressPolicy(cfg.allow_private_addresses, cfg.allowed_addresses), \
         image_processor(cfg)
@@ -163,7 +164,8 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
         fs.makedirs(stage, exist_ok=True)
         writer = ShardWriter(cfg.output_format, staging, plan.shard_id, _meta_schema(extras), cfg.encode_format)
         sink = _Sink(writer, rows, keys, outcomes, claim if cfg.dedup_images else None, [f.name for f in extras])
-        for i, out in _fetch_rows(todo, rows, limits, policy, proc, cfg.thread_count, sink.advance):
+        verify = cfg.verify_hash[1] if cfg.verify_hash else None
+        for i, out in _fetch_rows(todo, rows, limits, policy, proc, cfg.thread_count, sink.advance, verify):
             if refuse and out.meta.get("sha256") in refuse.sha256:
                 out = Outcome("taken_down", "its image bytes are named by a takedown of this run; dropped")
             outcomes[i] = out
@@ -191,17 +193,19 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
 
 
 def _fetch_rows(todo: list[int], rows: list[dict[str, Any]], limits: FetchLimits, policy: AddressPolicy,
-                proc: ImageProcessor, threads: int, started: Callable[[], None]) -> Iterator[tuple[int, Outcome]]:
+                proc: ImageProcessor, threads: int, started: Callable[[], None],
+                verify: str | None = None) -> Iterator[tuple[int, Outcome]]:
     """(row, outcome) for every row of ``todo``, as they finish. ``threads`` fetch threads only fetch: a body goes to
     one of ``IMAGE_THREADS`` image threads (hash, decode, resize, encode; cv2 and hashlib release the GIL), so a fetch
     thread is back on the network while its picture is worked on and ``threads`` connections stay busy. At most
-    ``threads + IMAGE_THREADS`` bodies are held at once: when the image threads fall behind, fetch threads wait."""
+    ``threads + IMAGE_THREADS`` bodies are held at once: when the image threads fall behind, fetch threads wait.
+    ``verify``: download.verify_hash's algorithm; each row's expected digest is under that name (the Reader's)."""
     results: queue.SimpleQueue = queue.SimpleQueue()
     permits = threading.Semaphore(threads + IMAGE_THREADS)
 
     def work(i: int, got: FetchResult) -> None:
         try:
-            results.put((i, _image(got, proc), None))
+            results.put((i, _image(got, proc, (verify, rows[i].get(verify)) if verify else None), None))
         except BaseException as exc:  # noqa: BLE001 — handed to the shard's thread, which raises it
             results.put((i, None, exc))
         finally:
@@ -235,12 +239,21 @@ def _fetch_rows(todo: list[int], rows: list[dict[str, Any]], limits: FetchLimits
             raise
 
 
-def _image(got: FetchResult, proc: ImageProcessor) -> Outcome:
-    """A fetch's outcome: its code when it failed, else the checked, resized picture (and the body's sha256)."""
+def _image(got: FetchResult, proc: ImageProcessor, verify: tuple[str, Any] | None = None) -> Outcome:
+    """A fetch's outcome: its code when it failed, else the checked, resized picture (and the body's sha256).
+    ``verify``: (algorithm, expected hex digest) of the body, as download.verify_hash asks; a mismatch is
+    ``hash_mismatch`` before any decode."""
     meta = {"http_status": got.status, "fetch_attempts": got.attempts, "fetch_seconds": got.elapsed}
     if got.code != "ok" or got.body is None:
         return Outcome(got.code, got.message, meta=meta)
     meta["sha256"], meta["bytes"] = hashlib.sha256(got.body).hexdigest(), len(got.body)
+    if verify is not None:
+        algo, expected = verify
+        digest = meta["sha256"] if algo == "sha256" else hashlib.new(algo, got.body).hexdigest()
+        want = expected.strip().lower() if isinstance(expected, str) else None
+        if digest != want:
+            return Outcome("hash_mismatch", f"{algo} of the downloaded bytes is {digest}, the list says "
+                           f"{expected if want else 'nothing'}", meta=meta)
     img = proc(got.body)
     meta.update(width=img.width, height=img.height, original_width=img.original_width,
                 original_height=img.original_height)

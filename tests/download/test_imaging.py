@@ -28,7 +28,7 @@ def decoded(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
 
 
-@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "border"])
+@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "keep_ratio_largest", "border"])
 def test_fast_path_matches_img2dataset_resizer(mode):
     body = photo(1024, 768)
     fast = ImageProcessor(128, mode, "jpg", 95, ImageLimits())(body)
@@ -74,7 +74,7 @@ CASES = [("jpg 640x480", ".jpg", 640, 480, 3), ("jpg 1500x1000 (1/4 decode)", ".
          ("webp", ".webp", 900, 600, 3), ("webp small", ".webp", 220, 300, 3), ("jpg exact", ".jpg", 256, 300, 3)]
 
 
-@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "border", "no"])
+@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "keep_ratio_largest", "border", "no"])
 @pytest.mark.parametrize("name,ext,w,h,channels", CASES, ids=[c[0] for c in CASES])
 def test_every_format_matches_img2dataset_resizer(mode, name, ext, w, h, channels):
     from img2dataset.resizer import Resizer
