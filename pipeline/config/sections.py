@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pipeline.config.checks import ConfigError
 from pipeline.config.checks import check as _check
 from pipeline.config.placement import Hardware, TrainerPlacement, check_resources
+from pipeline.download.fetch import OPT_OUT_DIRECTIVES
 
 _TEXT_FORMATS = ("csv", "tsv", "jsonl", "json", "txt")
 INPUT_FORMATS = ("parquet",) + _TEXT_FORMATS + tuple(f + ".gz" for f in _TEXT_FORMATS)  # img2dataset's Reader's
 HASH_ALGORITHMS = ("md5", "sha256", "sha512")  # what img2dataset's verify_hash accepts
-OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's disallowed_header_directives
 
 
 @dataclass

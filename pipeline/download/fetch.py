@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import urljoin, urlsplit
 
-from pipeline.config.sections import OPT_OUT_DIRECTIVES
 from pipeline.download.connections import GuardedHTTP, GuardedHTTPS, Pool, PoolKey, TLSFailure
 
 OK = "ok"
@@ -42,6 +41,7 @@ FETCH_CODES = ("bad_url", "blocked_address", "dns_error", "dns_temporary", "conn
 TRANSIENT = frozenset({"dns_temporary", "connect_error", "connection_reset", "timeout", "http_429", "http_5xx",
                        "truncated"})
 REDIRECTS = (301, 302, 303, 307, 308)
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's disallowed_header_directives
 USER_AGENT = "Mozilla/5.0 (compatible; dalle-pipeline/0.1; +https://github.com/rom1504/img2dataset)"
 
 
