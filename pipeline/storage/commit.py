@@ -257,6 +257,14 @@ def committed_shards(fs: fsspec.AbstractFileSystem, folder: str) -> dict[int, di
     return dict(sorted(out.items()))
 
 
+def committed_files(folder: str, suffix: str = ".parquet") -> list[str]:
+    """The data file with ``suffix`` of every committed shard of ``folder`` (a path or URL, kept as given), in shard
+    order: exactly what a glob of the folder matches once its run has finished, and never a shard whose marker is
+    not written yet. For tools that read a list of files (DuckDB, Hugging Face ``datasets``, polars)."""
+    fs, path = fs_and_path(folder)
+    return [shard_file(folder.rstrip("/"), sid, suffix, m) for sid, m in committed_shards(fs, path).items()]
+
+
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     changes = []
     for key in sorted(set(old) | set(new)):
