@@ -4,6 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# clip-retrieval's own venv (benchmarks/peer_venv.py): clip-retrieval --no-deps over this venv's packages, for the
+# tokenize benchmark and the test that serves an export through `clip-retrieval back` (tests reach no registry).
+PEER_STAMP := benchmarks/.peer-venv/.bench-packages
 # open_clip imports torchvision, and PyPI has no CPU-only torchvision wheel for x86_64: on a CPU machine the pair
 # below is the one that imports (it runs on the CPU; see README "Installing torch"). Override for another build,
 # e.g. make TORCH_SPEC="torch torchvision" TORCH_INDEX="--index-url <your CPU wheel index>".
@@ -17,7 +20,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup browser demo test lint bench lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(PEER_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(NODEPS_DEV)
 	@touch $(STAMP)
+
+$(PEER_STAMP): benchmarks/peer_venv.py $(STAMP)
+	$(BIN)/python benchmarks/peer_venv.py
 
 # The report test renders report.html in a real headless chromium (Debian's package; a no-op when present).
 browser:

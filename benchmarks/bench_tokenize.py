@@ -17,10 +17,10 @@ photo-like 256×256 JPEGs in webdataset tars (``{key}.jpg/.txt/.json``, img2data
 - **ours, full tokenize**: ``pipeline.tokenize.encode.Encoder`` (tiny dVAE at 256px → 32×32 codes, CLIP image+text,
   BPE), then ``write_token_shard`` per shard.
 
-clip-retrieval pins numpy<2, pyarrow<16 and fire<0.6, so it is not installed in the project venv: the first run
-builds ``benchmarks/.peer-venv`` (gitignored) with ``clip-retrieval`` and the few packages its import needs that the
-project venv lacks, all ``--no-deps`` at pinned versions, on top of the project venv's own packages (a ``.pth`` file),
-so both sides run the same torch, open_clip, numpy and Pillow. It runs as a long-lived subprocess driven over a pipe.
+clip-retrieval pins numpy<2, pyarrow<16 and fire<0.6, so it is not installed in the project venv: it runs from
+``benchmarks/.peer-venv`` (``benchmarks/peer_venv.py``; built by ``make setup``, or by the first run), clip-retrieval
+``--no-deps`` on top of the project venv's own packages, so both sides run the same torch, open_clip, numpy and
+Pillow. It runs as a long-lived subprocess driven over a pipe.
 Each variant gets one untimed warm-up shard. The headline pair (ours vs clip-retrieval, images only) then runs in
 ``--pairs`` A/B pairs, the order flipped each pair, each run going over every shard again and again for at least
 ``--min-run-s`` seconds; the ratio is ours/clip-retrieval images/s per pair and the headline is their median, min
@@ -51,20 +51,11 @@ import time
 from typing import Any
 
 from _results import alternate, headline, machine_state, write_result  # benchmarks/ is on sys.path
+from peer_venv import PEER_PACKAGES, PEER_VENV, ensure_peer_venv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-PEER_VENV = os.path.join(REPO, "benchmarks", ".peer-venv")
-# clip-retrieval and what importing its clip_inference path needs beyond the project venv (its package __init__
-# imports clip_back, so flask-restful/h5py/faiss/autofaiss too). All --no-deps; everything else comes from the
-# project venv through a .pth file.
-PEER_PACKAGES = [
-    "clip-retrieval==2.45.0", "all-clip==1.3.0", "clip-anytorch==2.6.0", "flask-restful==0.3.10",
-    "aniso8601==10.0.1", "h5py==3.16.0", "faiss-cpu==1.15.1", "autofaiss==2.18.0", "embedding-reader==1.8.1",
-    "sentence-transformers==6.2.0", "transformers==5.23.0", "tokenizers==0.23.3", "scikit-learn==1.9.1",
-    "joblib==1.6.0", "threadpoolctl==3.8.0", "cloudpickle==3.1.2", "narwhals==2.29.0",
-]
 ARCH = "ViT-B-32"
 IMAGE_SIZE = 256
 SHARD_FILES: dict[tuple[str, int], dict[str, Any]] = {}  # what a commit marker records for each bench tar
@@ -184,31 +175,6 @@ def ours_full(encoder: Any, metadata: dict, folder: str, shards: dict[int, int],
 
 
 # ---------------------------------------------------------------------------------------------------------- peer
-def ensure_peer_venv() -> dict[str, Any]:
-    """benchmarks/.peer-venv: clip-retrieval --no-deps over the project venv's packages; rebuilt when pins change."""
-    import sysconfig
-
-    stamp = os.path.join(PEER_VENV, ".bench-packages")
-    py = os.path.join(PEER_VENV, "bin", "python")
-    want = "\n".join(PEER_PACKAGES)
-    if os.path.exists(stamp) and open(stamp).read() == want and os.path.exists(py):
-        return {"python": py, "built_s": 0.0}
-    t0 = time.perf_counter()
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--clear", PEER_VENV], check=True, capture_output=True)
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(site, "_project_venv.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
-    proc = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
-                           *PEER_PACKAGES], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"pip install into {PEER_VENV} failed: {proc.stderr[-1500:]}")
-    with open(stamp, "w") as f:
-        f.write(want)
-    return {"python": py, "built_s": time.perf_counter() - t0}
-
-
 class NoLogger:
     """Stands in for clip-retrieval's LoggerWriter (a spawned stats process per partition)."""
 

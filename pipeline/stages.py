@@ -103,7 +103,9 @@ def export(cfg: Config) -> dict[str, Any]:
     from pipeline.tokenize.export import export_clip_retrieval
 
     return timed(lambda: _on_worker(cfg, "export (one CPU)", _ONE_CPU,
-                                    lambda c: export_clip_retrieval(c.path("tokens"), c.path("clip_retrieval"))))
+                                    lambda c: export_clip_retrieval(c.path("tokens"), c.path("clip_retrieval"),
+                                                                    c.tokenize.export_index,
+                                                                    c.tokenize.export_index_memory)))
 
 
 def dedup(cfg: Config) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Each section validates its own keys in ``__post_init__`` (``ConfigError`` naming
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pipeline.config.checks import ConfigError
@@ -357,12 +358,19 @@ class TokenizeConfig(Hardware):
     """Custom Ray resources each decode task asks for, e.g. {download: 1} to keep decoding on CPU nodes."""
     export: str = ""
     """Where `python -m pipeline export` writes the clip-retrieval layout; empty means <run_dir>/clip_retrieval."""
+    export_index: bool = False
+    """`export` also builds the kNN indices with autofaiss (image.index, text.index) and writes clip-retrieval's
+    indices_paths.json (with the run's CLIP copied beside it), so `clip-retrieval back` run in that folder serves it."""
+    export_index_memory: str = "4G"
+    """Memory the kNN index may take, and the memory autofaiss may use building it (its max_index_memory_usage)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "tokenize.batch_size", "must be > 0")
         _check(self.num_encoders > 0, "tokenize.num_encoders", "must be > 0")
         _check(self.decode_cpus > 0, "tokenize.decode_cpus", "must be > 0")
         _check(self.shard_retries >= 0, "tokenize.shard_retries", "must be >= 0")
+        _check(bool(re.fullmatch(r"\d+(\.\d+)?[KMGT]B?", self.export_index_memory)), "tokenize.export_index_memory",
+               "must be a size like 512MB or 4G")
         self.check_hardware("tokenize")
         check_resources("tokenize.decode_resources", self.decode_resources)
 

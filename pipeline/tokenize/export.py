@@ -117,8 +117,11 @@ def _check_aligned(fs: Any, folder: str) -> None:
         raise DataError(f"{folder}: img_emb, text_emb and metadata hold different partitions ({diff})")
 
 
-def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]:
-    """Export every committed token shard of ``tokens_folder`` into clip-retrieval's layout under ``out_folder``.
+def export_clip_retrieval(tokens_folder: str, out_folder: str, index: bool = False,
+                          index_memory: str = "4G") -> dict[str, Any]:
+    """Export every committed token shard of ``tokens_folder`` into clip-retrieval's layout under ``out_folder``;
+    with ``index``, also the autofaiss kNN indices and ``indices_paths.json`` that ``clip-retrieval back`` serves
+    (``pipeline.tokenize.knn_index``), rebuilt only when this call wrote a partition or an index is missing.
 
     Returns ``{"shards", "rows", "out", ...}``: committed non-empty shards and their rows in the export, and what this
     call wrote or found already there.
@@ -167,8 +170,14 @@ def export_clip_retrieval(tokens_folder: str, out_folder: str) -> dict[str, Any]
                 commit.atomic_write(ofs, f"{opath}/{kind}/{file_name(kind, shard_id)}", _payload(kind, table, dim))
         written.append(shard_id)
     _check_aligned(ofs, opath)
-    return {"shards": len(shards) - len(empty), "rows": rows, "out": out_folder, "embed_dim": dim,
-            "shards_written": len(written), "shards_skipped": len(skipped), "empty_shards": empty}
+    result = {"shards": len(shards) - len(empty), "rows": rows, "out": out_folder, "embed_dim": dim,
+              "shards_written": len(written), "shards_skipped": len(skipped), "empty_shards": empty}
+    if index:
+        from pipeline.tokenize import knn_index
+
+        result["index"] = knn_index.build_indices(out_folder, index_memory, rebuild=bool(written))
+        result["indices_paths"] = knn_index.write_indices_paths(out_folder, provenance["clip"] or {})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", required=True, help="token shard folder (local or s3://)")
     ap.add_argument("--out", required=True, help="export folder (local or s3://)")
+    ap.add_argument("--index", action="store_true", help="also build the autofaiss kNN indices and "
+                    "indices_paths.json for clip-retrieval back")
     args = ap.parse_args(argv)
-    print(json.dumps(export_clip_retrieval(args.tokens, args.out)))
+    print(json.dumps(export_clip_retrieval(args.tokens, args.out, index=args.index)))
     return 0
 
 

@@ -181,6 +181,32 @@ def test_cli(tokens, tmp_path, capsys):
     assert summary["rows"] == 98 and summary["shards_written"] == 3
 
 
+def test_export_index_writes_the_indices_and_indices_paths_clip_back_loads(tokens, tmp_path, capsys):
+    """--index: image.index and text.index (autofaiss, inner product) in clip back's names, each finding every row's
+    own embedding first; indices_paths.json naming the shards' CLIP as all_clip does; a rerun keeps the indices."""
+    import faiss
+
+    out = tmp_path / "export"
+    assert export.main(["--tokens", str(tokens), "--out", str(out), "--index"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["index"]["image.index"]["rows"] == summary["index"]["text.index"]["rows"] == 98
+    check_self_retrieval(faiss.read_index(str(out / "image.index")), out, tokens)
+    spec = json.loads((out / "indices_paths.json").read_text())["tokens"]
+    assert spec["indice_folder"] == "." and spec["clip_model"] == "open_clip:ViT-B-32/random.pt"  # META's CLIP
+    assert not spec["enable_mclip_option"] and not spec["provide_aesthetic_embeddings"] and not spec["use_jit"]
+    before = (out / "image.index").stat().st_mtime_ns
+    again = export.export_clip_retrieval(str(tokens), str(out), index=True)
+    assert again["index"] == {"image.index": {"kept": True}, "text.index": {"kept": True}}
+    assert (out / "image.index").stat().st_mtime_ns == before
+    from pipeline.errors import ConfigError
+    from pipeline.tokenize.knn_index import clip_model_name
+
+    assert clip_model_name({"arch": "local-dir:/r/clip"}) == ("open_clip:local-dir:clip/open_clip_model.safetensors",
+                                                              "/r/clip")
+    with pytest.raises(ConfigError, match="tokenize.export_index.*hf-hub:org/m"):
+        clip_model_name({"arch": "hf-hub:org/m"})
+
+
 def test_s3_output(tokens, s3):
     from embedding_reader import EmbeddingReader
 

@@ -249,3 +249,97 @@ def test_export_command_writes_clip_retrieval_layout(workspace, tmp_path):
     assert emb.dtype == np.float16 and emb.shape == (16, table.schema.field("clip_image_emb").type.list_size)
     assert meta["key"] == first.column("key").to_pylist()
     assert np.array_equal(emb, np.stack(first.column("clip_image_emb").to_numpy(zero_copy_only=False)))
+
+
+_CLIP_BACK = """import flask, fire
+_run = flask.Flask.run
+flask.Flask.run = lambda self, host=None, port=None, **kw: _run(self, host="127.0.0.1", port=port, **kw)
+from clip_retrieval.clip_back import clip_back
+fire.Fire(clip_back)
+"""  # clip back's own entry point; only the host it binds is pinned to loopback (it binds 0.0.0.0)
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _clip_back(folder, port: int):
+    """`clip-retrieval back` from its own venv, in the export folder, on 127.0.0.1:port; returns once it answers."""
+    import subprocess
+    import urllib.request
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    from peer_venv import peer_python
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([peer_python(), "-c", _CLIP_BACK, "--indices_paths", "indices_paths.json",
+                             "--port", str(port)], cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/indices-list", timeout=2) as r:
+                return proc, json.loads(r.read())
+        except (TimeoutError, OSError):
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"clip back did not start: {proc.communicate()[0][-3000:]}")
+
+
+def test_clip_retrieval_back_serves_the_export_by_text_and_by_image(workspace, tmp_path):
+    """export with the autofaiss index → `clip-retrieval back` on loopback → /knn-service by text, image and embedding
+    returns our keys, captions and URLs, the query's own row first."""
+    import base64
+    import socket
+
+    import faiss
+
+    from pipeline.tokenize import export
+
+    cfg, spec = with_tokens(workspace, "tokens_schema")
+    run_tokenize(cfg, spec)  # resumes: nothing to do if the schema test already wrote it
+    out = tmp_path / "cr"
+    summary = export.export_clip_retrieval(cfg.path("tokens"), str(out), index=True, index_memory="100MB")
+    table, _ = schema.read_token_shards(cfg.path("tokens"))
+    assert summary["index"]["image.index"]["rows"] == summary["index"]["text.index"]["rows"] == table.num_rows == 48
+    assert faiss.read_index(str(out / "image.index")).ntotal == 48
+    spec_json = json.loads((out / "indices_paths.json").read_text())
+    assert spec_json["tokens"]["clip_model"] == "open_clip:local-dir:clip/open_clip_model.safetensors"
+    assert (out / "clip" / "open_clip_model.safetensors").read_bytes() == open(
+        cfg.path("clip") + "/open_clip_model.safetensors", "rb").read()
+    rows = {r["key"]: r for r in table.select(["key", "url", "caption"]).to_pylist()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc, indices = _clip_back(out, port)
+    try:
+        assert indices == ["tokens"]
+        knn = f"http://127.0.0.1:{port}/knn-service"
+        key = sorted(rows)[5]
+        by_text = _post(knn, {"text": rows[key]["caption"], "modality": "text", "num_images": 5,
+                              "indice_name": "tokens"})
+        by_text_img = _post(knn, {"text": rows[key]["caption"], "modality": "image", "num_images": 5,
+                                  "indice_name": "tokens"})
+        sid = int(key[:5])
+        sample = next(x for x in shards.read_shard_samples(cfg.path("tokens_input"), sid) if x["key"] == key)
+        by_image = _post(knn, {"image": base64.b64encode(sample["image"]).decode(), "modality": "image",
+                               "num_images": 5, "indice_name": "tokens"})
+        emb = table.column("clip_image_emb").to_pylist()[table.column("key").to_pylist().index(key)]
+        by_emb = _post(knn, {"embedding_input": [float(v) for v in emb], "modality": "image", "num_images": 5,
+                             "indice_name": "tokens"})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    for hits in (by_text, by_text_img, by_image, by_emb):
+        assert len(hits) == 5
+        for h in hits:  # every hit is one of our rows, with its own caption and URL
+            assert h["url"] == rows[h["key"]]["url"] and h["caption"] == rows[h["key"]]["caption"]
+            assert h["image_path"] == h["key"]
+    assert by_text[0]["caption"] == rows[key]["caption"] and by_text[0]["similarity"] > 0.99
+    for hits in (by_image, by_emb):  # the queried image is a top hit (identical renders tie with it)
+        assert hits[0]["similarity"] > 0.98
+        assert key in {h["key"] for h in hits if h["similarity"] > hits[0]["similarity"] - 1e-3}, hits
