@@ -402,7 +402,7 @@ def main() -> None:
         torch.manual_seed(0)
         ckpt = os.path.join(tmp, "vit_b_32_random.pt")
         torch.save(open_clip.create_model(ARCH).state_dict(), ckpt)
-        dvae_path = os.path.join(tmp, "dvae.pt")
+        dvae_path = os.path.join(tmp, "dvae.safetensors")
         dvae_shape = DVAEShape(vocab_size=8192, n_hid=args.dvae_hid, group_count=4)
         save_dvae(DVAE(dvae_shape), dvae_path)
         encoder = Encoder(EncoderSpec(dvae_path, ARCH, ckpt, IMAGE_SIZE))

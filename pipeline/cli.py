@@ -30,7 +30,7 @@ STAGES: dict[str, str] = {
     "forget": "a takedown: rows named by --keys/--urls/--sha256 FILE removed from every image shard, token shard, "
               "side table and export of the run (each shard rewritten as a new generation), recorded in "
               "<run>/takedowns/, refused by later downloads; reports which checkpoints consumed them",
-    "export-prior": "a prior checkpoint (default: the newest complete) → consolidated <tag>/model.pt for sampling",
+    "export-prior": "a prior checkpoint (default: the newest complete) → consolidated <tag>/model.safetensors",
     "eval-dvae": "dVAE on held-out images: reconstruction MSE/PSNR, codebook perplexity and dead codes, a PNG",
     "eval-prior": "diffusion prior, held-out rows: cosine to the true image embedding vs text baseline, retrieval grid",
     "eval-decoder": "decoder, held-out rows: images from the true and the prior's CLIP image embedding, scored by CLIP "

@@ -50,7 +50,7 @@ def download(cfg: Config) -> dict[str, Any]:
 
 
 def train_dvae(cfg: Config) -> dict[str, Any]:
-    """The dVAE on ``dvae.num_procs`` ranks, or OpenAI's / a given dvae.pt imported (``dvae.weights``)."""
+    """The dVAE on ``dvae.num_procs`` ranks, or OpenAI's / a given dvae.safetensors imported (``dvae.weights``)."""
     if cfg.dvae.weights:  # OpenAI's published dVAE, or a checkpoint of ours: no training, same output layout
         from pipeline.dvae.openai import import_weights
 
@@ -85,10 +85,10 @@ def tokenize(cfg: Config) -> dict[str, Any]:
     from pipeline.tokenize.run import run_tokenize
 
     def run() -> dict[str, Any]:
-        if cfg.dvae.weights:  # e.g. OpenAI's: imported into <run>/dvae/dvae.pt first
-            from pipeline.storage.urls import exists
+        if cfg.dvae.weights:  # e.g. OpenAI's: imported into <run>/dvae/dvae.safetensors first
+            from pipeline.storage.weights import DVAE_FILE, saved
 
-            if not exists(join(cfg.path("dvae"), "dvae.pt")):
+            if not saved(join(cfg.path("dvae"), DVAE_FILE)):
                 from pipeline.dvae.openai import import_weights
 
                 import_weights(cfg)
@@ -157,7 +157,7 @@ def train_decoder(cfg: Config) -> dict[str, Any]:
 
 
 def export_prior(cfg: Config) -> dict[str, Any]:
-    """A prior checkpoint (default: the newest complete one) → consolidated ``<tag>/model.pt``."""
+    """A prior checkpoint (default: the newest complete one) → consolidated ``<tag>/model.safetensors``."""
     from pipeline.prior.checkpoints import export_weights
 
     return timed(lambda: _on_worker(cfg, "export-prior (one CPU)", _ONE_CPU,

@@ -59,7 +59,7 @@ def make_tiny_models(cfg: Config) -> None:
     torch.manual_seed(0)
     os.makedirs(cfg.path("dvae"))
     save_dvae(DVAE(DVAEShape(vocab_size=32, n_hid=8, group_count=2, n_blk_per_group=1, n_init=8)),
-              os.path.join(cfg.path("dvae"), "dvae.pt"))
+              os.path.join(cfg.path("dvae"), "dvae.safetensors"))
     items = list(shards.iter_images(cfg.path("images"), 16))
     train_clip(cfg.clip, np.stack([i for _, _, i in items]), [c for _, c, _ in items], cfg.path("clip"), 0)
 

@@ -176,10 +176,10 @@ def test_kills_anywhere_then_reruns_equal_a_clean_run(tmp_path):
             "train-prior": [
                 {"fault": f"save:8:{save_rank}", "fired": lambda: not _checkpoint_at_least(prior, 8),
                  "where": f"rank {save_rank} inside the checkpoint save of step 8"},
-                {"fault": f"step:{step}:{step_rank}", "fired": lambda: not (prior / "model.pt").exists(),
+                {"fault": f"step:{step}:{step_rank}", "fired": lambda: not (prior / "model.safetensors").exists(),
                  "where": f"rank {step_rank} after step {step}"},
                 {"driver": lambda: _checkpoint_at_least(prior, 16), "why": "once step 16 was checkpointed"},
-                {"fault": "save:24:0", "fired": lambda: not (prior / "model.pt").exists(),
+                {"fault": "save:24:0", "fired": lambda: not (prior / "model.safetensors").exists(),
                  "where": "rank 0 inside the last checkpoint save"}],
         }
         for stage, runs in plans.items():

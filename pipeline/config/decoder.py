@@ -79,7 +79,7 @@ class DecoderConfig(EngineConfig):
     caption_drop: float = 0.5
     """Probability the caption is dropped in training (DALL-E 2: 50 %)."""
     ema_decay: float = 0.999
-    """EMA of the weights, saved with checkpoints; model.pt samples with it. 0 turns it off."""
+    """EMA of the weights, saved with checkpoints; model.safetensors samples with it. 0 turns it off."""
     heldout_percent: float = 5.0
     """Rows (by key hash) never trained on: keep it equal to the diffusion prior's, so both skip the same rows."""
     eval_rows: int = 64

@@ -220,7 +220,7 @@ class DVAEConfig(TrainerPlacement):
     kl_warmup_steps: int = 0
     """Steps over which the KL weight ramps linearly from 0 to kl_weight."""
     weights: str = ""
-    """Empty: train our own. 'openai': load OpenAI's dall_e encoder_path/decoder_path. Else: our dvae.pt to use."""
+    """Empty: train our own. 'openai': load OpenAI's dall_e encoder_path/decoder_path. Else: a dvae.safetensors."""
     encoder_path: str = ""
     """OpenAI encoder.pkl (local path or http(s) URL), for weights: openai."""
     decoder_path: str = ""
@@ -398,8 +398,8 @@ class SampleConfig(Hardware):
     """Ray tasks the captions are spread over, each asking for the keys above. Outside a Ray cluster, 1 draws in
     this process."""
     checkpoint: str = ""
-    """Prior weights: a model.pt, or a DeepSpeed checkpoint folder (<prior>/step00000600, any ZeRO stage and world
-    size); empty means <prior>/model.pt."""
+    """Prior weights: a model.safetensors, or a DeepSpeed checkpoint folder (<prior>/step00000600, any ZeRO stage and
+    world size); empty means <prior>/model.safetensors."""
     guidance_scale: float = 1.0
     """Classifier-free guidance: logits = uncond + scale × (cond − uncond); 1 is plain conditional sampling (needs a
     prior trained with prior.caption_dropout > 0 to mean anything above 1)."""
@@ -414,9 +414,11 @@ class SampleConfig(Hardware):
     CLIP image embedding → decoder; variations: the images in sample.variations → CLIP image embedding → decoder.
     All three CLIP-rerank sample.candidates per input and write the same records."""
     diffusion_checkpoint: str = ""
-    """dalle2: the diffusion prior's model.pt; empty: <run_dir>/prior_diffusion/model.pt, else <prior>/model.pt."""
+    """dalle2: the diffusion prior's model.safetensors; empty: <run_dir>/prior_diffusion/model.safetensors, else
+    <prior>/model.safetensors."""
     decoder_checkpoint: str = ""
-    """dalle2 / variations: the decoder's model.pt or checkpoint folder; empty means <decoder>/model.pt."""
+    """dalle2 / variations: the decoder's model.safetensors or checkpoint folder; empty means
+    <decoder>/model.safetensors."""
     decoder_sampler: str = "ddim"
     """Decoder: ddim (deterministic with decoder_eta 0) or ddpm (ancestral)."""
     decoder_steps: int = 50

@@ -26,12 +26,13 @@ from pipeline.clip import model as clip_lib
 from pipeline.decoder.checkpoints import decoder_weights, load_decoder
 from pipeline.decoder.model import Decoder, pixels_to_uint8
 from pipeline.errors import InputError, NotFoundError
-from pipeline.prior.checkpoints import load_prior
+from pipeline.prior.checkpoints import PRIOR_REEXPORT, load_prior
 from pipeline.prior.diffusion import DiffusionPrior
 from pipeline.prior.transformer import pad_text
 from pipeline.sample.draw import CaptionSamples, encode_captions, rerank, rerank_stats
 from pipeline.sample.models import load_run_clip
-from pipeline.storage.urls import exists, join
+from pipeline.storage import weights as store
+from pipeline.storage.urls import join
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -46,17 +47,18 @@ def chain(cfg: Any, captions: Callable[[Any], list[str]]) -> tuple[Drawer, list[
 
 
 def diffusion_prior_weights(cfg: Any) -> str:
-    """``sample.diffusion_checkpoint``, else the demo's ``<run_dir>/prior_diffusion/model.pt``, else
-    ``<prior>/model.pt`` (a prior trained with ``prior.kind=diffusion``)."""
+    """``sample.diffusion_checkpoint``, else the demo's ``<run_dir>/prior_diffusion/model.safetensors``, else
+    ``<prior>/model.safetensors`` (a prior trained with ``prior.kind=diffusion``)."""
     if cfg.sample.diffusion_checkpoint:
         if not os.path.isfile(cfg.sample.diffusion_checkpoint):
             raise NotFoundError(f"sample.diffusion_checkpoint {cfg.sample.diffusion_checkpoint}: no such file")
         return cfg.sample.diffusion_checkpoint
     for folder in (cfg.path("prior_diffusion"), cfg.path("prior")):  # the run's storage: folders or URLs
-        if exists(join(folder, "model.pt")):
-            return join(folder, "model.pt")
-    raise NotFoundError(f"{cfg.path('prior_diffusion')}/model.pt: no diffusion prior (train-prior prior.kind="
-                        "diffusion writes one); or set sample.diffusion_checkpoint")
+        if store.saved(join(folder, store.MODEL_FILE)):
+            return join(folder, store.MODEL_FILE)
+    return store.require(join(cfg.path("prior_diffusion"), store.MODEL_FILE),
+                         f"{cfg.path('prior_diffusion')}/{store.MODEL_FILE}: no diffusion prior (train-prior "
+                         "prior.kind=diffusion writes one); or set sample.diffusion_checkpoint", PRIOR_REEXPORT)
 
 
 def candidates(sc: Any) -> int:

@@ -7,7 +7,7 @@ skeleton (``pipeline.training.loop``), checkpoints with the data position and pe
 metrics, TensorBoard and EMA (``pipeline.prior.train.PriorTask``). Its data are the token shards' CLIP image
 embeddings and captions joined by key with the image shards' pixels (``pipeline.decoder.data``); rows held out for
 the priors' evaluation (``decoder.heldout_percent``, by key hash) are never trained on. Rank 0 writes
-``metrics.jsonl`` and at the end ``model.pt`` (EMA weights) that sampling loads without DeepSpeed.
+``metrics.jsonl`` and at the end ``model.safetensors`` (EMA weights) that sampling loads without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.prior.checkpoints import ResumePoint, find_resume, write_weights
 from pipeline.prior.train import PriorTask
 from pipeline.runtime import ds_seam
 from pipeline.storage.urls import Workspace, check_writable, exists, join, read_json
+from pipeline.storage.weights import MODEL_FILE, saved
 from pipeline.training import loop, ranks
 from pipeline.training.ema import EMA
 from pipeline.training.metrics import MetricsLog, plot_loss_curve, read_metrics
@@ -161,7 +162,7 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         print(f"{PREFIX} {j['joined']} rows joined by key; skipped: {j['tokens_without_image']} token rows without "
               f"an image, {j['images_without_tokens']} images without a token row", flush=True)
     start = task.resume(resume) if resume else 0
-    if start >= d.steps and exists(join(out, "model.pt")):
+    if start >= d.steps and saved(join(out, MODEL_FILE)):
         if rank == 0:
             print(f"{PREFIX} already trained to step {start}; nothing to do", flush=True)
         return
@@ -172,7 +173,7 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         task.close()
     if rank == 0:
         lease_check()
-    write_weights(task.engine, d.zero_stage, shape, plan.meta, d.steps, join(out, "model.pt"), task.ema,
+    write_weights(task.engine, d.zero_stage, shape, plan.meta, d.steps, join(out, MODEL_FILE), task.ema,
                   kind="decoder")
     if task.log is not None:
         task.log.close()

@@ -19,10 +19,11 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.dvae.data import ShardCache, choose_heldout, shard_counts
-from pipeline.dvae.model import DVAE, load_dvae
-from pipeline.errors import ConfigError, DataError, NotFoundError
+from pipeline.dvae.model import DVAE, DVAE_REEXPORT, load_dvae
+from pipeline.errors import ConfigError, DataError
 from pipeline.storage.commit import atomic_output, write_text
-from pipeline.storage.urls import exists, join
+from pipeline.storage.urls import join
+from pipeline.storage.weights import DVAE_FILE, require, saved
 
 
 @torch.no_grad()
@@ -80,13 +81,12 @@ def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: str, max_ima
 def eval_dvae(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     out = cfg.path("dvae")
-    ckpt = join(out, "dvae.pt")
-    if not exists(ckpt) and cfg.dvae.weights:  # e.g. OpenAI's files: import them into our layout first
+    ckpt = join(out, DVAE_FILE)
+    if not saved(ckpt) and cfg.dvae.weights:  # e.g. OpenAI's files: import them into our layout first
         from pipeline.dvae.openai import import_weights
 
         import_weights(cfg)
-    if not exists(ckpt):
-        raise NotFoundError(f"{ckpt}: no dVAE to evaluate (run train-dvae, or set dvae.weights)")
+    require(ckpt, f"{ckpt}: no dVAE to evaluate (run train-dvae, or set dvae.weights)", DVAE_REEXPORT)
     model = load_dvae(ckpt)
     size = cfg.download.image_size
     if size % model.shape.downsample:

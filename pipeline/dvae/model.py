@@ -12,7 +12,6 @@ reconstruction cost is DALL-E's logit-Laplace on pixels mapped into (ε, 1-ε), 
 
 from __future__ import annotations
 
-import io
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -22,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.storage.commit import atomic_output
-from pipeline.storage.urls import read_bytes
+from pipeline.storage import weights
 
 LOGIT_LAPLACE_EPS = 0.1
 RECON_LOSSES = ("logit_laplace", "mse", "bce")
@@ -216,28 +214,29 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: st
                          f"wrong size {wrong[:3]}")
 
 
+DVAE_REEXPORT = ("Re-export it: rerun `python -m pipeline train-dvae` with the run's config (it resumes from the "
+                 "newest complete checkpoint under dvae.output and writes dvae.safetensors without training further; "
+                 "with dvae.weights=openai it imports OpenAI's files again)")
+
+
 def save_dvae(model: DVAE, path: str, extra: dict | None = None) -> None:
-    """``dvae.pt``, written whole or not at all (a reader never sees half a checkpoint)."""
-    with atomic_output(path) as f:
-        torch.save({"kind": "dvae", "shape": asdict(model.shape), "state_dict": model.state_dict(),
-                    "extra": extra or {}}, f)
+    """``dvae.safetensors`` + ``dvae.json`` (kind, shape, ``extra``: provenance and figures), each written whole or
+    not at all (a reader never sees half a checkpoint)."""
+    weights.save_weights(path, model.state_dict(), {"kind": "dvae", "shape": asdict(model.shape),
+                                                    "extra": extra or {}})
 
 
 def load_dvae(path: str) -> DVAE:
-    """Load a checkpoint written by ``save_dvae``; the error names the file and the mismatch."""
-    data = read_bytes(path)  # a local path or a URL (the run's storage); NotFoundError names it
+    """Load a dVAE written by ``save_dvae`` (a path or a URL of the run's storage); the error names the file and the
+    mismatch (an earlier version's ``dvae.pt`` is refused with how to re-export it)."""
+    tensors, config = weights.load_weights(path, "dVAE", DVAE_REEXPORT)
+    if config.get("kind") != "dvae":
+        raise InputError(f"{path}: a {config.get('kind')!r} prior's weights, not a dVAE checkpoint "
+                         f"({weights.DVAE_FILE})")
     try:
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — truncated/corrupt files raise a zoo of exception types
-        raise InputError(f"{path}: cannot read dVAE checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:
-        raise InputError(f"{path}: not a dVAE checkpoint written by this pipeline (no shape/state_dict)")
-    if blob.get("kind", "dvae") != "dvae":  # files before the kind was recorded are dVAEs
-        raise InputError(f"{path}: a {blob['kind']!r} prior's weights, not a dVAE checkpoint (dvae.pt)")
-    try:
-        model = DVAE(DVAEShape(**blob["shape"]))
-    except TypeError as exc:
-        raise InputError(f"{path}: checkpoint shape {blob['shape']} is not a DVAEShape ({exc})") from exc
-    check_state_dict(model, blob["state_dict"], f"{path} (declared shape {blob['shape']})")
-    model.load_state_dict(blob["state_dict"])
+        model = DVAE(DVAEShape(**config["shape"]))
+    except (TypeError, KeyError) as exc:
+        where = weights.config_path(path)
+        raise InputError(f"{where}: shape {config.get('shape')} is not a DVAEShape ({exc})") from exc
+    weights.fit(model, tensors, path)
     return model.eval()

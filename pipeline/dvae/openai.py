@@ -35,6 +35,7 @@ from pipeline.dvae.model import DVAE, DVAEShape, check_state_dict, load_dvae, sa
 from pipeline.errors import ConfigError, InputError
 from pipeline.storage.commit import write_text
 from pipeline.storage.urls import join
+from pipeline.storage.weights import DVAE_FILE
 
 DOWNLOAD_TIMEOUT_S = 120.0
 """Bound on connecting to / each read from an http(s) source, in seconds."""
@@ -271,10 +272,12 @@ def _sha256_file(path: str) -> str:
 
 
 def import_weights(cfg: Any) -> dict[str, Any]:
-    """``dvae.weights`` set: write ``<dvae dir>/dvae.pt`` + ``metrics.json`` from existing weights instead of training.
+    """``dvae.weights`` set: write ``<dvae dir>/dvae.safetensors`` (+ ``dvae.json``) and ``metrics.json`` from existing
+    weights instead of training.
 
     ``weights: openai`` reads OpenAI's ``dvae.encoder_path`` / ``dvae.decoder_path``; any other value is the path of
-    one of our ``dvae.pt`` checkpoints, which is validated and copied. Returns the ``extra`` dict saved with the model.
+    one of our ``dvae.safetensors`` files, which is validated and copied. Returns the ``extra`` dict saved with the
+    model.
     """
     dcfg, image_size = cfg.dvae, cfg.download.image_size
     if dcfg.weights == "openai":
@@ -291,6 +294,6 @@ def import_weights(cfg: Any) -> dict[str, Any]:
                          f"{shape.downsample} (weights {dcfg.weights})")
     extra.update({"vocab_size": shape.vocab_size, "grid": shape.grid(image_size), "image_size": image_size})
     out = cfg.path("dvae")  # a folder or the run's storage
-    save_dvae(model, join(out, "dvae.pt"), extra=extra)  # atomic: the source may be this very file
+    save_dvae(model, join(out, DVAE_FILE), extra=extra)  # atomic: the source may be this very file
     write_text(join(out, "metrics.json"), json.dumps({"result": extra, "history": []}))
     return extra

@@ -8,8 +8,8 @@ the committed image shards: a global index of (shard, row) is built from the com
 without decoding anything, a seeded set of ``dvae.heldout_images`` is held out for evaluation, and each step's rows
 are a pure function of (seed, step, rank, world) (``ShardStream``), so a resumed run sees exactly the images, Gumbel
 noise and losses of an uninterrupted one. Rank 0 writes ``metrics.jsonl`` (and TensorBoard scalars into ``tb/``),
-held-out reconstruction grids ``recon_step{N:06d}.png``, and at the end the consolidated weights ``dvae.pt`` (what
-tokenize and sample load) and ``metrics.json`` with the held-out evaluation.
+held-out reconstruction grids ``recon_step{N:06d}.png``, and at the end the consolidated weights
+``dvae.safetensors`` (what tokenize and sample load) and ``metrics.json`` with the held-out evaluation.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pipeline.runtime import ds_seam
 from pipeline.storage import commit
 from pipeline.storage.checkpoints import Checkpoints
 from pipeline.storage.urls import Workspace, check_writable, exists, join, read_json
+from pipeline.storage.weights import DVAE_FILE, saved
 from pipeline.training import loop, ranks
 from pipeline.training.metrics import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.training.ranks import check_checkpoint_location, rank_lease, rank_main, step_seed
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 PREFIX = "[train-dvae]"
 MIN_LR_RATIO = 0.05  # cosine decay to lr / 20
 STAT_KEYS = ("loss", "recon", "recon_mse", "kl")
-OUTPUTS = ("metrics.jsonl", "metrics.json", "dvae.pt", "_run.json")  # what a fresh start removes (and tb/, grids)
+# what a fresh start removes (and tb/, grids)
+OUTPUTS = ("metrics.jsonl", "metrics.json", DVAE_FILE, "dvae.json", "_run.json")
 
 
 def dvae_shape(cfg: DVAEConfig) -> DVAEShape:
@@ -140,7 +142,7 @@ def _resume(cfg: Config, out: str, settings: dict[str, Any], rank: int) -> tuple
     if tag is not None:
         if rank == 0:
             _check_run_record(out, settings, tag)
-        done = exists(join(out, "dvae.pt")) and exists(join(out, "metrics.json"))
+        done = saved(join(out, DVAE_FILE)) and exists(join(out, "metrics.json"))
         if done and Checkpoints(out).step(tag) >= d.steps:
             return tag, read_json(join(out, "metrics.json"))["result"]
     elif rank == 0:
@@ -297,7 +299,7 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
 
 
 def _finish(cfg: Config, task: DVAETask, shape: DVAEShape, size: int) -> dict[str, Any] | None:
-    """Rank 0: the consolidated weights ``dvae.pt``, the final held-out evaluation and ``metrics.json``."""
+    """Rank 0: the consolidated weights ``dvae.safetensors``, the final held-out evaluation and ``metrics.json``."""
     d, out = cfg.dvae, task.out
     state = ds_seam.consolidated_state_dict(task.engine, d.zero_stage)
     if task.log is None or state is None:
@@ -322,7 +324,7 @@ def _finish(cfg: Config, task: DVAETask, shape: DVAEShape, size: int) -> dict[st
     task.log.close()
     task.push_logs()
     task.lease_check()
-    save_dvae(final, join(out, "dvae.pt"), extra=result)
+    save_dvae(final, join(out, DVAE_FILE), extra=result)
     local = task.ws.local
     doc = {"result": result, "history": read_metrics(local, kind="train"), "evals": read_metrics(local, kind="eval")}
     commit.write_text(join(out, "metrics.json"), json.dumps(doc))

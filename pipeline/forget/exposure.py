@@ -25,6 +25,7 @@ from pipeline.config import Config
 from pipeline.prior.loader import DataPlan, TokenLoader, heldout_mask
 from pipeline.storage import commit, urls
 from pipeline.storage.checkpoints import Checkpoints
+from pipeline.storage.weights import DVAE_FILE
 
 log = logging.getLogger(__name__)
 TRAINERS = (("prior", "prior"), ("prior_diffusion", "diffusion"), ("decoder", "decoder"))
@@ -128,8 +129,8 @@ def models_report(cfg: Config, removed: set[str], receipts: list[dict[str, Any]]
                           "clean": [t for t, c in checkpoints.items() if c["clean"]]}
     images_rewritten = any(r["kind"] == "images" for r in receipts)
     dvae = cfg.path("dvae")
-    if images_rewritten and urls.exists(urls.join(dvae, "dvae.pt")):
-        report[dvae] = {"kind": "dvae", "saw": ["dvae.pt"], "clean": [], "how": "no frozen plan: it streamed every "
+    if images_rewritten and urls.exists(urls.join(dvae, DVAE_FILE)):
+        report[dvae] = {"kind": "dvae", "saw": [DVAE_FILE], "clean": [], "how": "no frozen plan: it streamed every "
                         "committed image shard, including the rewritten ones, so it may have seen the rows"}
     grids = _grids(cfg) if removed else []
     if grids:  # pictures of held-out rows drawn before the takedown: forget does not redraw them

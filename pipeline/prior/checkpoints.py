@@ -1,4 +1,4 @@
-"""A prior run's checkpoints and weights: which checkpoint a run resumes from, the consolidated ``model.pt`` it
+"""A prior run's checkpoints and weights: which checkpoint a run resumes from, the consolidated weights it
 writes (from the engine at the end, or offline from any saved checkpoint), and the one loader of that file.
 
 The policy (``prior.resume``) is applied before any work: a folder that holds complete checkpoints is never silently
@@ -7,7 +7,6 @@ trained from scratch, and a checkpoint is resumed only with the data plan and mo
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -21,9 +20,9 @@ from pipeline.prior.diffusion import DiffusionPrior, DiffusionShape
 from pipeline.prior.loader import DataPlan
 from pipeline.prior.transformer import DalleTransformer, PriorShape
 from pipeline.runtime import ds_seam
+from pipeline.storage import weights as store
 from pipeline.storage.checkpoints import Checkpoints
-from pipeline.storage.commit import atomic_output
-from pipeline.storage.urls import exists, join, local_copy, read_bytes
+from pipeline.storage.urls import join, local_copy, read_bytes
 
 KINDS = {"ar": (DalleTransformer, PriorShape), "diffusion": (DiffusionPrior, DiffusionShape)}
 
@@ -52,43 +51,51 @@ def find_resume(out: str, policy: str, rank: int = 0, key: str = "prior.resume",
     return ResumePoint(tag, plan, state["shape"], state)
 
 
+PRIOR_REEXPORT = ("Re-export it from the run's DeepSpeed checkpoints: `python -m pipeline export-prior` with the run's "
+                  "config writes <prior>/stepNNNNNNNN/model.safetensors (sample.checkpoint also takes that folder), "
+                  "and rerunning train-prior with the same config rewrites <prior>/model.safetensors without "
+                  "training further")
+DECODER_REEXPORT = ("Re-export it from the run's DeepSpeed checkpoints: set sample.decoder_checkpoint to a checkpoint "
+                    "folder <decoder>/stepNNNNNNNN (consolidated into model.safetensors on first use), or rerun "
+                    "train-decoder with the same config, which rewrites <decoder>/model.safetensors without training "
+                    "further")
+
+
 def save_prior(path: str, kind: str, shape: dict[str, Any], weights: dict[str, torch.Tensor], meta: dict[str, Any],
                steps: int, ema_weights: dict[str, torch.Tensor] | None = None) -> str:
-    """Write ``model.pt``, atomically: ``{kind, shape, state_dict, tokens_meta, steps}``. For the diffusion prior
-    ``state_dict`` holds the EMA weights, the ones sampling uses, and ``raw_state_dict`` the trained ones."""
-    blob = {"kind": kind, "shape": shape, "state_dict": weights, "tokens_meta": meta, "steps": steps}
+    """Write ``model.safetensors`` + ``model.json`` (``{kind, shape, tokens_meta, steps}``) through the one weights
+    format. With ``ema_weights`` (the diffusion prior, the decoder) the tensors models load are the EMA ones, the
+    ones sampling uses, and the trained ones are kept under ``raw/``."""
+    tensors = dict(weights)
     if ema_weights is not None:
-        blob["raw_state_dict"], blob["state_dict"] = weights, ema_weights
-    with atomic_output(path) as f:
-        torch.save(blob, f)
-    return path
+        tensors = {**ema_weights, **{f"{store.RAW}{k}": v for k, v in weights.items()}}
+    return store.save_weights(path, tensors, {"kind": kind, "shape": shape, "tokens_meta": meta, "steps": steps})
 
 
 def read_weights(path: str, kind: str) -> dict[str, Any]:
-    """The blob of a ``model.pt`` written by ``save_prior`` (priors, and the decoder with kind ``decoder``), after
-    checking it is of ``kind``. Loaded with ``weights_only`` (no code runs); a file that is unreadable, not such a
-    file, or of another kind raises ``InputError`` naming the file and what it is instead."""
+    """The record of a ``model.safetensors`` written by ``save_prior`` (priors, and the decoder with kind
+    ``decoder``): its config with ``state_dict`` (and ``raw_state_dict`` where EMA weights are kept), after checking
+    it is of ``kind``. No code runs from the files; a file that is unreadable, not such a file, of another kind, or
+    an earlier version's ``model.pt`` raises ``InputError`` naming the file and what it is instead."""
     what = "decoder" if kind == "decoder" else "prior"
-    if not exists(path):
-        raise NotFoundError(f"{path}: no such {what} weights file")
-    try:
-        blob = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many exception types
-        raise InputError(f"{path}: cannot read {what} weights ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(blob, dict) or "shape" not in blob or "state_dict" not in blob:
-        raise InputError(f"{path}: not a prior or decoder model.pt (no shape / state_dict)")
-    got = blob.get("kind") or ("dvae" if "n_hid" in blob["shape"] else "ar")  # older files: recognise by shape
+    tensors, blob = store.load_weights(path, what, DECODER_REEXPORT if kind == "decoder" else PRIOR_REEXPORT)
+    if "shape" not in blob:
+        raise InputError(f"{store.config_path(path)}: not a prior or decoder config (no shape)")
+    blob["state_dict"], raw = store.split_raw(tensors)
+    if raw:
+        blob["raw_state_dict"] = raw
+    got = blob.get("kind")
     if got == "dvae":
-        raise InputError(f"{path}: a dVAE checkpoint (dvae.pt), not a prior's model.pt; give the prior's weights "
-                         "(<prior>/model.pt or a checkpoint folder <prior>/stepNNNNNNNN)")
+        raise InputError(f"{path}: a dVAE checkpoint ({store.DVAE_FILE}), not a prior's {store.MODEL_FILE}; give the "
+                         f"prior's weights (<prior>/{store.MODEL_FILE} or a checkpoint folder <prior>/stepNNNNNNNN)")
     if got == kind:
         return blob
     if kind == "decoder":
         raise InputError(f"{path}: a {got!r} prior's weights, not a decoder's; give DALL-E 2's decoder "
-                         "(<run_dir>/decoder/model.pt, sample.decoder_checkpoint)")
+                         f"(<run_dir>/decoder/{store.MODEL_FILE}, sample.decoder_checkpoint)")
     if got == "decoder":
         raise InputError(f"{path}: DALL-E 2's decoder (CLIP image embedding → pixels), not a {kind} prior; give "
-                         "the prior's model.pt (<run_dir>/prior or prior_diffusion)")
+                         f"the prior's {store.MODEL_FILE} (<run_dir>/prior or prior_diffusion)")
     if got == "diffusion":
         raise InputError(f"{path}: a 'diffusion' prior (it predicts CLIP image embeddings, DALL-E 2's); "
                          "sampling images needs the autoregressive prior (prior.kind=ar, <run_dir>/prior)")
@@ -96,7 +103,8 @@ def read_weights(path: str, kind: str) -> dict[str, Any]:
 
 
 def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The one loader of ``model.pt`` for either prior (``kind`` ar or diffusion): (model in eval mode, tokens_meta).
+    """The one loader of ``model.safetensors`` for either prior (``kind`` ar or diffusion): (model in eval mode,
+    tokens_meta).
 
     A file that is unreadable, not a prior, a prior of the other kind, a decoder, or whose weights do not fit its
     recorded shape raises ``InputError`` naming the file."""
@@ -104,10 +112,10 @@ def load_prior(path: str, kind: str) -> tuple[nn.Module, dict[str, Any]]:
     model_cls, shape_cls = KINDS[kind]
     try:
         model = model_cls(shape_cls(**blob["shape"]))
-        model.load_state_dict(blob["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError) as exc:
         what = "an autoregressive" if kind == "ar" else "a diffusion"
-        raise InputError(f"{path}: weights do not fit {what} prior ({exc})") from exc
+        raise InputError(f"{store.config_path(path)}: shape {blob['shape']} is not {what} prior's ({exc})") from exc
+    store.fit(model, blob["state_dict"], path)
     return model.eval(), dict(blob.get("tokens_meta") or {})
 
 
@@ -125,8 +133,8 @@ def write_weights(engine, zero_stage: int, shape: Any, meta: dict[str, Any], ste
 
 
 def export_weights(out: str, tag: str | None = None) -> str:
-    """Consolidated fp32 weights of a saved checkpoint (default: the newest complete one) as ``<out>/<tag>/model.pt``,
-    loadable by ``load_prior`` without DeepSpeed or GPUs, ZeRO-sharded or not."""
+    """Consolidated fp32 weights of a saved checkpoint (default: the newest complete one) as
+    ``<out>/<tag>/model.safetensors``, loadable by ``load_prior`` without DeepSpeed or GPUs, ZeRO-sharded or not."""
     ckpts = Checkpoints(out)
     tag = tag or ckpts.latest()
     if tag is None:
@@ -145,7 +153,7 @@ def export_weights(out: str, tag: str | None = None) -> str:
         module = ds_seam.fp32_state_dict_from_checkpoint(os.path.dirname(tag_dir), os.path.basename(tag_dir))
     weights = {k.removeprefix("model."): v.float() for k, v in module.items()}
     ema = _saved_ema(tag_dir)  # the diffusion prior samples with its EMA weights
-    return save_prior(ckpts.path(tag, "model.pt"), state.get("kind", "ar"), state["shape"], weights,
+    return save_prior(ckpts.path(tag, store.MODEL_FILE), state.get("kind", "ar"), state["shape"], weights,
                       state["data_plan"]["meta"], state["step"], None if ema is None else with_ema(weights, ema))
 
 

@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import DataError, InputError, NotFoundError
+from pipeline.errors import DataError, InputError
 from pipeline.prior.rows import heldout_mask  # the training loader's split, shared
 from pipeline.storage import commit, schema, shards
 from pipeline.storage.commit import atomic_output
-from pipeline.storage.urls import exists, join
+from pipeline.storage.urls import join
 
 Predict = Callable[[list[str], np.ndarray, np.ndarray, float], np.ndarray]
 CELL, PAD, LABEL_W = 96, 4, 260  # displayed pixels per image, gap, caption panel width
@@ -225,13 +225,16 @@ def score_retrievals(picks: Mapping[str, Sequence[str]], captions: Sequence[str]
 
 
 def _model_predict(cfg: Any, meta: dict[str, Any], embed_dim: int, folder: str) -> tuple[Predict, dict[str, Any], Any]:
-    """``predict`` from ``<prior>/model.pt``: DDIM sampling, generator seeded with cfg.seed for repeatable figures."""
+    """``predict`` from ``<prior>/model.safetensors``: DDIM sampling, generator seeded with cfg.seed for repeatable
+    figures."""
     import torch
 
-    ckpt = join(cfg.path("prior"), "model.pt")
-    if not exists(ckpt):
-        raise NotFoundError(f"{ckpt}: no diffusion prior to evaluate (train it, then export model.pt)")
-    from pipeline.prior.checkpoints import load_prior
+    from pipeline.prior.checkpoints import PRIOR_REEXPORT, load_prior
+    from pipeline.storage import weights
+
+    ckpt = join(cfg.path("prior"), weights.MODEL_FILE)
+    weights.require(ckpt, f"{ckpt}: no diffusion prior to evaluate (train-prior prior.kind=diffusion writes it)",
+                    PRIOR_REEXPORT)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, trained_on = load_prior(str(ckpt), "diffusion")

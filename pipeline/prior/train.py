@@ -7,7 +7,7 @@ DeepSpeed engine built by ``pipeline.runtime.ds_seam``, in the trainer skeleton
 (``pipeline.training.loop``) the dVAE uses too. Checkpoints hold the model, optimizer, scheduler, the frozen
 data plan with the step (the data position: the loader restarts at exactly that sample), per-rank RNG states and the
 ds_config. Rank 0 writes ``metrics.jsonl``, TensorBoard events and ``loss_curve.png``, and at the end consolidated
-weights ``model.pt`` that sampling loads without DeepSpeed.
+weights ``model.safetensors`` (+ ``model.json``) that sampling loads without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pipeline.prior.objectives import build_objective, make_ema, prior_shape, up
 from pipeline.runtime import ds_seam
 from pipeline.storage.commit import atomic_output
 from pipeline.storage.faults import fault_point
-from pipeline.storage.urls import Workspace, check_writable, exists, join
+from pipeline.storage.urls import Workspace, check_writable, join
+from pipeline.storage.weights import MODEL_FILE, saved
 from pipeline.training import loop, ranks
 from pipeline.training.metrics import METRICS_FILE, MetricsLog, plot_loss_curve, read_metrics
 from pipeline.training.ranks import rank_lease, rank_main, rng_state, set_rng_state, step_generator
@@ -77,7 +78,7 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
     task = PriorTask(cfg, rank, world, objective, shape, plan)
     task.lease_check = lease_check
     start = task.resume(resume) if resume else 0
-    if start >= p.steps and exists(join(out, "model.pt")):
+    if start >= p.steps and saved(join(out, MODEL_FILE)):
         if rank == 0:
             print(f"{PREFIX} already trained to step {start}; nothing to do", flush=True)
         return
@@ -88,7 +89,7 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         task.close()
     if rank == 0:
         lease_check()
-    write_weights(task.engine, p.zero_stage, shape, plan.meta, p.steps, join(out, "model.pt"), task.ema)
+    write_weights(task.engine, p.zero_stage, shape, plan.meta, p.steps, join(out, MODEL_FILE), task.ema)
     if task.log is not None:
         task.log.close()
         plot_loss_curve(task.ws.local)

@@ -37,7 +37,7 @@ class PriorShape:
     conv_kernel: int = 11
 
     def __post_init__(self) -> None:
-        # model.pt stores asdict(shape); a JSON round trip would hand back a list, so accept any sequence.
+        # model.json stores asdict(shape); a JSON round trip would hand back a list, so accept any sequence.
         object.__setattr__(self, "attention", tuple(self.attention))
         if len(self.attention) not in (0, self.n_layer):
             raise ValueError(f"PriorShape.attention: has {len(self.attention)} kinds, needs 0 or n_layer "

@@ -18,6 +18,7 @@ from pipeline.report.html import write_html
 from pipeline.report.markdown import write_markdown
 from pipeline.report.summaries import SUMMARIES, read_summaries
 from pipeline.storage.urls import Workspace, exists, join, local_copy, read_json
+from pipeline.storage.weights import DVAE_FILE
 from pipeline.training.metrics import read_metrics
 
 
@@ -28,7 +29,7 @@ def write_run_report(cfg: Config, summaries: dict[str, dict[str, Any]], results:
     # The sample stages' grids, inlined into report.html (DALL-E 2's when the run has them).
     ws.pull("samples.png", "dalle2/samples.png", "variations/variations.png")
     out = Path(ws.local)
-    dvae = load_dvae(join(cfg.path("dvae"), "dvae.pt"))
+    dvae = load_dvae(join(cfg.path("dvae"), DVAE_FILE))
     probe = images[:12]
     with torch.no_grad():
         x = torch.from_numpy(probe).permute(0, 3, 1, 2).float() / 255.0

@@ -1,7 +1,7 @@
 """The models sampling uses, found and checked before anything is drawn: ``load_sampler_prior`` finds the
-autoregressive prior's weights (``<prior>/model.pt``, a model.pt, or a DeepSpeed checkpoint folder exported on the
-fly) and refuses one that does not fit the run's tokenizer and dVAE; ``check_models`` checks the dVAE and tokenizer
-actually loaded against the prior."""
+autoregressive prior's weights (``<prior>/model.safetensors``, such a file, or a DeepSpeed checkpoint folder exported
+on the fly) and refuses one that does not fit the run's tokenizer and dVAE; ``check_models`` checks the dVAE and
+tokenizer actually loaded against the prior."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 from pipeline.dvae.model import DVAE
 from pipeline.errors import InputError, NotFoundError
-from pipeline.prior.checkpoints import export_weights, load_prior
+from pipeline.prior.checkpoints import PRIOR_REEXPORT, export_weights, load_prior
 from pipeline.prior.transformer import DalleTransformer, PriorShape
+from pipeline.storage import weights as store
 from pipeline.storage.commit import fs_and_path
 from pipeline.storage.urls import exists, join
 
@@ -19,14 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def load_sampler_prior(cfg: Any) -> tuple[DalleTransformer, dict[str, Any], str]:
-    """(model in eval mode, its tokens_meta, the model.pt it came from) for ``sample.checkpoint``:
+    """(model in eval mode, its tokens_meta, the weights file it came from) for ``sample.checkpoint``:
 
-    * empty: ``<prior>/model.pt``, the weights train-prior writes at the end;
-    * a file: that model.pt;
+    * empty: ``<prior>/model.safetensors``, the weights train-prior writes at the end;
+    * a file: that ``.safetensors`` (an earlier version's ``.pt`` is refused with how to re-export it);
     * a DeepSpeed checkpoint folder (holding ``complete.json``, e.g. ``<prior>/step00000600``, any ZeRO stage and
-      world size): consolidated offline by ``prior_ckpt.export_weights`` into ``<folder>/model.pt`` (an export
-      already there is reused), then loaded; a folder holding a model.pt but no complete.json (a prior output
-      folder) loads that model.pt.
+      world size): consolidated offline by ``prior_ckpt.export_weights`` into ``<folder>/model.safetensors`` (an
+      export already there is reused), then loaded; a folder holding weights but no complete.json (a prior output
+      folder) loads them.
 
     Raises FileNotFoundError for a missing checkpoint and ValueError (naming the path) for a file that is not an
     autoregressive prior or whose vocabularies / grid disagree with its own shape or with the run's token shards
@@ -49,30 +50,30 @@ _WHAT = {"text_vocab": "tokenizer vocabulary size", "image_vocab": "dVAE vocabul
 
 
 def _sampler_weights(cfg: Any) -> str:
-    """The model.pt (a path or URL) ``sample.checkpoint`` means (exporting a DeepSpeed checkpoint folder first)."""
+    """The weights (a path or URL) ``sample.checkpoint`` means (exporting a DeepSpeed checkpoint folder first)."""
     ckpt = cfg.sample.checkpoint
     if not ckpt:
-        path = join(cfg.path("prior"), "model.pt")
-        if not exists(path):
-            raise NotFoundError(f"{path}: no prior weights (train-prior writes them at the end); run train-prior "
-                                    "or set sample.checkpoint to a model.pt or a checkpoint folder "
-                                    "(<prior>/stepNNNNNNNN)")
-        return path
+        path = join(cfg.path("prior"), store.MODEL_FILE)
+        return store.require(path, f"{path}: no prior weights (train-prior writes them at the end); run train-prior "
+                                   f"or set sample.checkpoint to a {store.MODEL_FILE} or a checkpoint folder "
+                                   "(<prior>/stepNNNNNNNN)", PRIOR_REEXPORT)
     fs, path = fs_and_path(ckpt)
     if fs.isdir(path):
         folder = ckpt.rstrip("/")
         if exists(join(folder, "complete.json")):
-            exported = join(folder, "model.pt")
-            if exists(exported) and fs.modified(f"{path}/model.pt") >= fs.modified(f"{path}/complete.json"):
+            exported = join(folder, store.MODEL_FILE)
+            config = store.config_path(f"{path}/{store.MODEL_FILE}")
+            if store.saved(exported) and fs.modified(config) >= fs.modified(f"{path}/complete.json"):
                 log.info("sample: reusing %s, exported earlier from checkpoint %s", exported, folder)
                 return exported
             parent, tag = folder.rsplit("/", 1) if "/" in folder else (".", folder)
             log.info("sample: consolidating DeepSpeed checkpoint %s into %s", folder, exported)
             return export_weights(parent, tag)
-        if exists(join(folder, "model.pt")):
-            return join(folder, "model.pt")
+        weights = join(folder, store.MODEL_FILE)
+        if store.saved(weights) or exists(store.legacy_path(weights)):
+            return store.require(weights, "", PRIOR_REEXPORT)
         raise InputError(f"sample.checkpoint {ckpt}: a folder with neither complete.json (not a complete DeepSpeed "
-                         "checkpoint: an interrupted save?) nor model.pt")
+                         f"checkpoint: an interrupted save?) nor {store.MODEL_FILE}")
     if fs.isfile(path):
         return ckpt
     raise NotFoundError(f"sample.checkpoint {ckpt}: no such file or folder")
@@ -97,7 +98,7 @@ def check_tokens_meta(shape: PriorShape, meta: dict[str, Any], path: str) -> Non
 
 
 def _run_reference(cfg: Any) -> list[tuple[str, int | None, str]]:
-    """What this run's tokenizer and dVAE say: (what, size, where) from its token shards and its dvae.pt, for those
+    """What this run's tokenizer and dVAE say: (what, size, where) from its token shards and its dVAE, for those
     that exist (a checkpoint sampled outside its run has nothing to be checked against here)."""
     from pipeline.storage import commit, schema
 
@@ -115,8 +116,8 @@ def _run_reference(cfg: Any) -> list[tuple[str, int | None, str]]:
     if meta is not None:
         where = f"token shards ({first})"
         refs += [(w, _meta_value(meta, w), where) for w in ("text_vocab", "image_vocab", "grid")]
-    dvae_path = join(cfg.path("dvae"), "dvae.pt")
-    if exists(dvae_path):
+    dvae_path = join(cfg.path("dvae"), store.DVAE_FILE)
+    if store.saved(dvae_path):
         from pipeline.dvae.model import load_dvae
 
         try:

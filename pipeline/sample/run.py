@@ -23,6 +23,7 @@ from pipeline.sample.draw import CaptionSamples, draw, rerank_stats
 from pipeline.sample.models import check_models, load_run_clip, load_sampler_prior
 from pipeline.sample.records import faithfulness, write_samples
 from pipeline.storage.urls import Workspace, exists, join, read_json
+from pipeline.storage.weights import DVAE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def _sampler_dvae_path(cfg: Config, meta: dict[str, Any]) -> str:
     recorded = (meta.get("dvae") or {}).get("path")
     if recorded and exists(recorded):
         return recorded
-    return join(cfg.path("dvae"), "dvae.pt")
+    return join(cfg.path("dvae"), DVAE_FILE)
 
 
 def draw_captions(cfg: Config, captions: list[str], seed: int) -> tuple[list[CaptionSamples], dict[str, Any]]:

@@ -33,12 +33,13 @@ class EncoderSpec:
 
 
 def encoder_spec(cfg: Any) -> EncoderSpec:
-    """The run's encoders: its ``dvae.pt``, its CLIP (``clip_arch``) and the download's image size."""
+    """The run's encoders: its ``dvae.safetensors``, its CLIP (``clip_arch``) and the download's image size."""
     import os
 
     from pipeline.storage.urls import is_local, join
+    from pipeline.storage.weights import DVAE_FILE
 
-    dvae = join(cfg.path("dvae"), "dvae.pt")  # read by every encoder actor, on any node: a URL or an absolute path
+    dvae = join(cfg.path("dvae"), DVAE_FILE)  # read by every encoder actor, on any node: a URL or an absolute path
     return EncoderSpec(dvae_path=os.path.abspath(dvae) if is_local(dvae) else dvae,
                        clip_arch=clip_lib.clip_arch(cfg), clip_pretrained=cfg.clip.pretrained,
                        image_size=cfg.download.image_size)

@@ -102,7 +102,7 @@ def test_each_stage_asks_for_its_hardware_and_the_autoscaler_brings_it(cluster, 
                                                     "prior.steps=4", "prior.log_every=2"])
     train_nodes = _train_nodes(cluster)
     assert [cluster.node_type(n) for n in train_nodes] == ["gpu_worker", "gpu_worker"], train_nodes
-    assert s3.exists(f"{RUN}/prior/model.pt")
+    assert s3.exists(f"{RUN}/prior/model.safetensors")
     report["train_prior"] = {"ran_on": ["gpu_worker"] * 2, "s": secs, **cpu}
 
     # Two GPU nodes (train-prior's two workers need them), one head, and one or two CPU nodes: how many download
@@ -130,9 +130,10 @@ def _upload_tiny_dvae(s3, tmp_path) -> None:
     from pipeline.dvae.model import DVAE, DVAEShape, save_dvae
 
     torch.manual_seed(0)
-    path = tmp_path / "dvae.pt"
+    path = tmp_path / "dvae.safetensors"
     save_dvae(DVAE(DVAEShape(vocab_size=32, n_hid=8, group_count=2, n_blk_per_group=1, n_init=8)), str(path))
-    s3.put(str(path), f"{RUN}/dvae/dvae.pt")
+    s3.put(str(path), f"{RUN}/dvae/dvae.safetensors")
+    s3.put(str(tmp_path / "dvae.json"), f"{RUN}/dvae/dvae.json")
 
 
 def test_a_request_no_node_type_offers_fails_before_any_work(cluster, s3):

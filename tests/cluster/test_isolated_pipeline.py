@@ -19,7 +19,6 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from isolated import IsolatedCluster
 
 from pipeline.demo import synth
@@ -104,9 +103,9 @@ def test_every_stage_as_a_job_through_s3_only(cluster, served, s3):
     images = commit.committed_shards(*commit.fs_and_path(f"{RUN}/images"))
     keys = [s["key"] for sid in images for s in shards.read_shard_samples(f"{RUN}/images", sid)]
     assert len(images) == -(-len(samples) // 40) and len(keys) == len(set(keys)) == len(samples)
-    for must in ["dvae/dvae.pt", "dvae/metrics.json", "dvae/metrics.jsonl", "dvae/latest_complete",
+    for must in ["dvae/dvae.safetensors", "dvae/metrics.json", "dvae/metrics.jsonl", "dvae/latest_complete",
                  "clip/open_clip_model.safetensors", "clip/open_clip_config.json", "clip/metrics.json",
-                 "prior/model.pt", "prior/metrics.jsonl", "prior/loss_curve.png", "prior/latest_complete",
+                 "prior/model.safetensors", "prior/metrics.jsonl", "prior/loss_curve.png", "prior/latest_complete",
                  "prior/config.yaml", "report/samples.parquet", "report/samples.png", "report/report.md",
                  "report/report.html", "report/loss_curves.png", "_summaries/sample.json"]:
         assert must in names, f"{must} missing from S3; have {sorted(names)[:60]}"
@@ -121,7 +120,7 @@ def test_every_stage_as_a_job_through_s3_only(cluster, served, s3):
     token_keys = table.column("key").to_pylist()
     assert len(token_keys) == len(set(token_keys)) and sorted(token_keys) == sorted(keys)
     # The prior's weights load from S3 and sample.
-    model, meta = load_prior(f"{RUN}/prior/model.pt", "ar")
+    model, meta = load_prior(f"{RUN}/prior/model.safetensors", "ar")
     assert meta and int(model.shape.image_grid) > 0
     samples_table = pd.read_parquet(io.BytesIO(s3.cat(f"{RUN}/report/samples.parquet")))
     assert len(samples_table) > 0 and samples_table["clip_score"].notna().all()
@@ -188,7 +187,6 @@ def test_a_killed_node_mid_training_resumes_from_the_last_commit(cluster, s3):
     interrupted, clean = _metrics(s3, f"{out}/metrics.jsonl"), _metrics(s3, f"{RUN}/prior/metrics.jsonl")
     assert [r["step"] for r in interrupted] == [r["step"] for r in clean] == list(range(5, 21, 5))
     np.testing.assert_allclose([r["loss"] for r in interrupted], [r["loss"] for r in clean], rtol=1e-5)
-    blob = torch.load(io.BytesIO(s3.cat(f"{out}/model.pt")), weights_only=True)
-    assert blob["steps"] == 20
+    assert json.loads(s3.cat(f"{out}/model.json"))["steps"] == 20
     print(f"kill/resume: killed after committed step {killed_after}, resumed from {resumed[-1]}, final step 20, "
           f"losses after the resume equal the uninterrupted run's")

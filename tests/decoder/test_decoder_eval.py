@@ -62,10 +62,10 @@ def run(tmp_path_factory):
         decoder = _train(samples)
     finally:
         torch.set_num_threads(threads)
-    save_prior(str(root / "run" / "decoder" / "model.pt"), "decoder", dataclasses.asdict(SHAPE),
+    save_prior(str(root / "run" / "decoder" / "model.safetensors"), "decoder", dataclasses.asdict(SHAPE),
                decoder.state_dict(), META, 300)
     torch.manual_seed(1)
-    save_prior(str(root / "run" / "prior_diffusion" / "model.pt"), "diffusion", dataclasses.asdict(PRIOR),
+    save_prior(str(root / "run" / "prior_diffusion" / "model.safetensors"), "diffusion", dataclasses.asdict(PRIOR),
                DiffusionPrior(PRIOR).state_dict(), META, 1)
     return root
 
@@ -94,7 +94,7 @@ def test_scores_from_true_and_prior_embeddings_against_random_images(run):
     assert true_px["colour_match"] > rand_px["colour_match"] + 0.25, (true_px, rand_px)
     assert true_px["background_match"] > rand_px["background_match"], (true_px, rand_px)
     assert result["clip_true_emb"] == sc["true_emb"]["clip_to_caption"] and "pixel_all_chance" in result
-    assert result["prior"].endswith("prior_diffusion/model.pt") and "beats_random_baseline" in result
+    assert result["prior"].endswith("prior_diffusion/model.safetensors") and "beats_random_baseline" in result
 
     on_disk = json.loads((run / "run" / "decoder" / "eval" / "eval.json").read_text())
     assert on_disk["scores"] == json.loads(json.dumps(sc))
@@ -105,7 +105,8 @@ def test_scores_from_true_and_prior_embeddings_against_random_images(run):
 
 def test_without_a_diffusion_prior_the_decoder_alone_is_scored(run, tmp_path):
     cfg = _cfg(run, f"diffusion.output={tmp_path / 'none'}", f"prior.output={tmp_path / 'none'}",
-               f"decoder.output={tmp_path / 'dec'}", f"sample.decoder_checkpoint={run / 'run/decoder/model.pt'}",
+               f"decoder.output={tmp_path / 'dec'}",
+               f"sample.decoder_checkpoint={run / 'run/decoder/model.safetensors'}",
                "decoder.eval_rows=3")
     result = eval_decoder(cfg)
     assert "prior_emb" not in result["scores"] and "no diffusion prior" in result["prior"]
@@ -122,17 +123,17 @@ def test_cli_prints_the_headline_and_refuses_bad_inputs(run, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["evaluated"] == 2 and "clip_prior_emb" in summary and "scores" not in summary
 
-    decoder_pt = run / "run" / "decoder" / "model.pt"
+    decoder_pt = run / "run" / "decoder" / "model.safetensors"
     with pytest.raises(InputError, match="DALL-E 2's decoder .* not a diffusion prior"):
         eval_decoder(_cfg(run, f"sample.diffusion_checkpoint={decoder_pt}"))
     with pytest.raises(InputError, match="a 'diffusion' prior's weights, not a decoder's"):
-        eval_decoder(_cfg(run, f"sample.decoder_checkpoint={run / 'run/prior_diffusion/model.pt'}"))
+        eval_decoder(_cfg(run, f"sample.decoder_checkpoint={run / 'run/prior_diffusion/model.safetensors'}"))
     wide = dataclasses.replace(PRIOR, embed_dim=32)
-    save_prior(str(tmp_path / "wide.pt"), "diffusion", dataclasses.asdict(wide), DiffusionPrior(wide).state_dict(),
-               {**META, "embed_dim": 32}, 1)
-    with pytest.raises(InputError, match=r"decoder/model\.pt: the decoder was built for 16-d CLIP embeddings, the "
-                                         r"diffusion prior .*wide\.pt predicts 32-d"):
-        eval_decoder(_cfg(run, f"sample.diffusion_checkpoint={tmp_path / 'wide.pt'}"))
+    save_prior(str(tmp_path / "wide.safetensors"), "diffusion", dataclasses.asdict(wide),
+               DiffusionPrior(wide).state_dict(), {**META, "embed_dim": 32}, 1)
+    with pytest.raises(InputError, match=r"decoder/model\.safetensors: the decoder was built for 16-d CLIP embeddings, "
+                                         r"the diffusion prior .*wide\.safetensors predicts 32-d"):
+        eval_decoder(_cfg(run, f"sample.diffusion_checkpoint={tmp_path / 'wide.safetensors'}"))
     none = tmp_path / "noemb"
     write_joined(none, shards=1, rows=8, size=SIZE, image_emb=False)
     with pytest.raises(DataError, match=r"00000\.parquet: token shard lacks columns \['clip_image_emb'\]"):

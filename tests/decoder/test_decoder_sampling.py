@@ -41,14 +41,14 @@ def run(tmp_path_factory):
             "tokenizer": {"vocab_size": BPE}, "grid": 2}
     torch.manual_seed(0)
     prior = DiffusionPrior(PRIOR)
-    save_prior(str(root / "run" / "prior_diffusion" / "model.pt"), "diffusion", dataclasses.asdict(PRIOR),
+    save_prior(str(root / "run" / "prior_diffusion" / "model.safetensors"), "diffusion", dataclasses.asdict(PRIOR),
                prior.state_dict(), meta, 1)
     decoder = Decoder(DECODER)
     with torch.no_grad():
         for p in decoder.parameters():
             if (p == 0).all() and p.ndim > 1:
                 p.normal_(0, 0.05)
-    save_prior(str(root / "run" / "decoder" / "model.pt"), "decoder", dataclasses.asdict(DECODER),
+    save_prior(str(root / "run" / "decoder" / "model.safetensors"), "decoder", dataclasses.asdict(DECODER),
                decoder.state_dict(), meta, 1)
     for i, s in enumerate(samples[:2]):
         synth.render(s, 40).save(root / f"input{i}.png")
@@ -84,8 +84,8 @@ def test_dalle2_chain_writes_the_dalle1_records_reranked_by_clip(run, tmp_path):
     rows = pq.read_table(tmp_path / "samples.parquet").to_pylist()
     assert len(rows) == 6 and sum(r["kept"] for r in rows) == 4
     assert {r["chain"] for r in rows} == {"dalle2"} and rows[0]["decoder_steps"] == "4"
-    assert rows[0]["decoder_checkpoint"].endswith("decoder/model.pt")
-    assert rows[0]["checkpoint"].endswith("prior_diffusion/model.pt")
+    assert rows[0]["decoder_checkpoint"].endswith("decoder/model.safetensors")
+    assert rows[0]["checkpoint"].endswith("prior_diffusion/model.safetensors")
     assert all((tmp_path / r["image_path"]).exists() for r in rows) and (tmp_path / "samples.png").exists()
     assert stats["scored"] == 2 and 0 <= stats["match"] <= 1  # read from pixels, as for DALL-E 1
 
@@ -119,17 +119,17 @@ def test_bad_inputs_are_refused_before_drawing(run, tmp_path, capsys):
         run_sample(_cfg(run, "sample.chain=variations", f"sample.variations=[{run / 'input0.png'}, "
                                                          f"{run / 'broken.png'}]"))
     with pytest.raises(InputError, match="DALL-E 2's decoder .* not a diffusion prior"):
-        run_sample(_cfg(run, "sample.chain=dalle2", f"sample.diffusion_checkpoint={run / 'run/decoder/model.pt'}",
-                        "sample.captions=[x]"))
+        run_sample(_cfg(run, "sample.chain=dalle2",
+                        f"sample.diffusion_checkpoint={run / 'run/decoder/model.safetensors'}", "sample.captions=[x]"))
     with pytest.raises(InputError, match="a 'diffusion' prior's weights, not a decoder's"):
         run_sample(_cfg(run, "sample.chain=dalle2", "sample.captions=[x]",
-                        f"sample.decoder_checkpoint={run / 'run/prior_diffusion/model.pt'}"))
+                        f"sample.decoder_checkpoint={run / 'run/prior_diffusion/model.safetensors'}"))
     wide = dataclasses.replace(DECODER, embed_dim=32)
-    save_prior(str(tmp_path / "wide.pt"), "decoder", dataclasses.asdict(wide), Decoder(wide).state_dict(),
+    save_prior(str(tmp_path / "wide.safetensors"), "decoder", dataclasses.asdict(wide), Decoder(wide).state_dict(),
                {"embed_dim": 32, "clip": {"arch": f"local-dir:{run / 'clip'}", "pretrained": ""}}, 1)
-    with pytest.raises(InputError, match=r"wide\.pt: the decoder was built for 32-d CLIP embeddings, the CLIP"):
+    with pytest.raises(InputError, match=r"wide\.safetensors: the decoder was built for 32-d CLIP embeddings, the CL"):
         run_sample(_cfg(run, "sample.chain=dalle2", "sample.captions=[x]",
-                        f"sample.decoder_checkpoint={tmp_path / 'wide.pt'}"))
+                        f"sample.decoder_checkpoint={tmp_path / 'wide.safetensors'}"))
     code = main(["sample", f"run_dir={tmp_path / 'empty'}", "sample.chain=dalle2", "sample.captions=[x]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no diffusion prior" in err[0] and err[0].startswith("error: ")

@@ -14,7 +14,7 @@ from decoder_shards import EMBED, write_joined
 
 from pipeline.decoder.checkpoints import load_decoder
 from pipeline.errors import InputError
-from pipeline.prior.checkpoints import export_weights, load_prior, save_prior
+from pipeline.prior.checkpoints import export_weights, load_prior, read_weights, save_prior
 
 REPO = Path(__file__).resolve().parents[2]
 NO_IMAGE = ("000000002", "000010005")
@@ -86,18 +86,18 @@ def test_two_ranks_train_kill_and_resume_exactly(tmp_path, data):
     ref_l, got = {r["step"]: r["loss"] for r in recs}, {r["step"]: r["loss"] for r in rows(out)}
     assert sorted(got) == list(range(1, 11)) and max(abs(got[s] - ref_l[s]) for s in ref_l) < 1e-6
 
-    model, meta = load_decoder(str(out / "model.pt"))  # EMA weights, no DeepSpeed
+    model, meta = load_decoder(str(out / "model.safetensors"))  # EMA weights, no DeepSpeed
     assert model.shape.embed_dim == EMBED and model.shape.image_size == 16 and meta["embed_dim"] == EMBED
     exported, _ = load_decoder(export_weights(str(out)))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), exported.state_dict().values()))
-    raw = torch.load(out / "model.pt", weights_only=True)["raw_state_dict"]
+    raw = read_weights(str(out / "model.safetensors"), "decoder")["raw_state_dict"]
     assert not torch.equal(raw["out.2.weight"], model.state_dict()["out.2.weight"])  # EMA differs from raw
     img = model.sample(torch.randn(2, EMBED), torch.zeros(2, 4, dtype=torch.long), steps=4, guidance_scale=2.0)
     assert img.shape == (2, 3, 16, 16)
 
     with pytest.raises(InputError, match="DALL-E 2's decoder .* not a diffusion prior"):
-        load_prior(str(out / "model.pt"), "diffusion")
-    prior = tmp_path / "prior.pt"
+        load_prior(str(out / "model.safetensors"), "diffusion")
+    prior = tmp_path / "prior.safetensors"
     save_prior(str(prior), "diffusion", {"text_vocab": 10, "text_len": 4, "embed_dim": 8}, {}, {}, 1)
     with pytest.raises(InputError, match="a 'diffusion' prior's weights, not a decoder's"):
         load_decoder(str(prior))

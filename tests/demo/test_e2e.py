@@ -139,7 +139,7 @@ def test_prior_trains_through_ray_train_too(demo_run):
     summary = json.loads([x for x in proc.stdout.splitlines() if x.startswith('{"ranks"')][-1])
     assert summary["launcher"] == "ray" and summary["ranks"] == 2
     assert summary["final_loss"] < summary["first_loss"] * 0.9
-    assert (run / "prior_ray" / "model.pt").exists() and (run / "prior_ray" / "latest_complete").exists()
+    assert (run / "prior_ray" / "model.safetensors").exists() and (run / "prior_ray" / "latest_complete").exists()
 
 
 def test_sampling_spread_over_ray_actors(demo_run):
@@ -201,7 +201,7 @@ def test_report_has_the_dalle2_section_decoder_eval_and_variations(demo_run):
     assert all(heldout_mask(ev["keys"], 10.0))  # evaluated on rows the decoder never trained on
     dec = [json.loads(x) for x in (run / "decoder" / "metrics.jsonl").read_text().splitlines()]
     assert dec[-1]["step"] == 40 and dec[-1]["loss"] < dec[0]["loss"]
-    assert (run / "decoder" / "model.pt").exists()
+    assert (run / "decoder" / "model.safetensors").exists()
     prior_ev = json.loads((run / "prior_diffusion" / "eval" / "eval.json").read_text())
     assert set(prior_ev["retrieved"]) == {"prior", "text", "random"}
     assert prior_ev["retrieved"]["random"]["pixels"]["scored"] == prior_ev["evaluated"]

@@ -23,9 +23,11 @@ def test_temperature_anneals_to_end():
 
 
 def test_load_rejects_foreign_file(tmp_path):
-    p = tmp_path / "x.pt"
-    torch.save({"weights": 1}, p)
-    with pytest.raises(ValueError, match="not a dVAE checkpoint"):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "x.safetensors"
+    save_file({"weights": torch.ones(1)}, str(p))  # a safetensors file, but not one of ours: no config beside it
+    with pytest.raises(ValueError, match=f"no {tmp_path / 'x.json'} beside it"):
         load_dvae(str(p))
     save_dvae(DVAE(DVAEShape(vocab_size=8, n_hid=4, group_count=1, n_blk_per_group=1)), str(p))
     assert load_dvae(str(p)).shape.vocab_size == 8

@@ -184,7 +184,7 @@ def test_import_weights_writes_a_loadable_checkpoint(openai_files, tmp_path):
     extra = import_weights(cfg)
     assert extra["source"] == "openai" and extra["grid"] == 4 and extra["vocab_size"] == VOCAB
     assert extra["image_size"] == 32 and len(extra["encoder_sha256"]) == 64 and extra["decoder_path"] == dec_path
-    path = tmp_path / "dvae" / "dvae.pt"
+    path = tmp_path / "dvae" / "dvae.safetensors"
     model = load_dvae(str(path))
     assert json.loads((tmp_path / "dvae" / "metrics.json").read_text())["result"] == extra
     x = _images()
@@ -192,20 +192,20 @@ def test_import_weights_writes_a_loadable_checkpoint(openai_files, tmp_path):
         assert torch.equal(model.encode(x), enc(dall_e.map_pixels(x)).argmax(1))
 
     # weights: one of our checkpoints → validated and copied
-    ours = tmp_path / "ours.pt"
+    ours = tmp_path / "ours.safetensors"
     save_dvae(model, str(ours))
     cfg2 = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
                        [f"run_dir={tmp_path / 'run2'}", f"dvae.weights={ours}", "download.image_size=32"])
     extra2 = import_weights(cfg2)
     assert extra2["source"] == str(ours) and len(extra2["sha256"]) == 64
-    assert torch.equal(load_dvae(str(tmp_path / "run2" / "dvae" / "dvae.pt")).encode(x), model.encode(x))
+    assert torch.equal(load_dvae(str(tmp_path / "run2" / "dvae" / "dvae.safetensors")).encode(x), model.encode(x))
 
     bad = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
                       [f"run_dir={tmp_path / 'run3'}", f"dvae.weights={ours}", "download.image_size=36"])
     with pytest.raises(ValueError, match="image_size 36 is not divisible by the dVAE's downsampling 8"):
         import_weights(bad)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     junk = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
-                       [f"run_dir={tmp_path / 'run4'}", f"dvae.weights={tmp_path / 'junk.pt'}"])
-    with pytest.raises(ValueError, match="junk.pt"):
+                       [f"run_dir={tmp_path / 'run4'}", f"dvae.weights={tmp_path / 'junk.safetensors'}"])
+    with pytest.raises(ValueError, match="junk.safetensors"):
         import_weights(junk)

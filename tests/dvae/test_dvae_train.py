@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.demo import synth
 from pipeline.dvae import train as td
 from pipeline.dvae.model import load_dvae
-from pipeline.errors import RunMismatchError
+from pipeline.errors import InputError, RunMismatchError
 from pipeline.storage import commit
 
 pytestmark = pytest.mark.slow
@@ -65,10 +65,22 @@ def test_tiny_dvae_beats_constant_image_baseline(tmp_path, monkeypatch):
     for step in (200, 400):
         assert (out / f"recon_step{step:06d}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "latest_complete").read_text() == "step00000400"
-    model = load_dvae(str(out / "dvae.pt"))  # the file tokenize and sample load, without DeepSpeed
+    model = load_dvae(str(out / "dvae.safetensors"))  # the file tokenize and sample load, without DeepSpeed
     x = torch.rand(2, 3, 16, 16)
     assert model.encode(x).shape == (2, 8, 8) and torch.equal(model.encode(x), model.encode(x))
     assert td.main(args) == result  # rerun: already trained, nothing to do
+    # An earlier version's dvae.pt in its place: refused saying to rerun train-dvae, which then re-exports the weights
+    # from the newest complete checkpoint without training further (the history stays the 20 logged steps).
+    before = model.state_dict()
+    (out / "dvae.safetensors").unlink()
+    (out / "dvae.json").unlink()
+    torch.save({"kind": "dvae", "state_dict": before}, out / "dvae.pt")
+    with pytest.raises(InputError, match=r"dvae\.pt: a torch pickle .* rerun `python -m pipeline train-dvae`"):
+        load_dvae(str(out / "dvae.safetensors"))
+    assert td.main(args)["steps"] == 400
+    again = load_dvae(str(out / "dvae.safetensors")).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in before.items())
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 20
     with pytest.raises(RunMismatchError, match=r"different settings; refusing to resume .*shape\..*dvae.resume=false"):
         td.main([*args, "dvae.steps=500", "dvae.n_hid=16"])  # a different model cannot resume these weights
 
@@ -87,7 +99,7 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tmp_path):
     a = stages.train_dvae(whole)
     stopped = stages.train_dvae(part)
     assert stopped["stopped_after_step"] == 4 and stopped["checkpoint"] == "step00000004"
-    assert not (tmp_path / "part" / "dvae" / "dvae.pt").exists()
+    assert not (tmp_path / "part" / "dvae" / "dvae.safetensors").exists()
     b = stages.train_dvae(rest)
     assert "resumed from" in (tmp_path / "part" / "dvae" / "launcher.log").read_text()
 
@@ -100,8 +112,8 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tmp_path):
     for (step, *x), (_, *y) in zip(whole_log, part_log):
         assert x == pytest.approx(y, rel=1e-6, abs=1e-9), step
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-6)
-    wa = load_dvae(str(tmp_path / "whole" / "dvae" / "dvae.pt")).state_dict()
-    wb = load_dvae(str(tmp_path / "part" / "dvae" / "dvae.pt")).state_dict()
+    wa = load_dvae(str(tmp_path / "whole" / "dvae" / "dvae.safetensors")).state_dict()
+    wb = load_dvae(str(tmp_path / "part" / "dvae" / "dvae.safetensors")).state_dict()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
     assert b["heldout_mse"] == pytest.approx(a["heldout_mse"], rel=1e-5)

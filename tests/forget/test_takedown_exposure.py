@@ -57,7 +57,7 @@ def test_the_report_names_the_checkpoints_that_consumed_a_removed_row_and_the_fi
         f.write(f"0\tother\n3\t{never}\n")
     _checkpoint(cfg.path("decoder"), 6, plan, kind="decoder")
     os.makedirs(cfg.path("dvae"))
-    open(os.path.join(cfg.path("dvae"), "dvae.pt"), "wb").write(b"weights")
+    open(os.path.join(cfg.path("dvae"), "dvae.safetensors"), "wb").write(b"weights")
     open(os.path.join(cfg.path("dvae"), "recon_step000010.png"), "wb").write(b"png")
     (tmp_path / "k.txt").write_text(f"{late}\n{never}\n")
     out = run_forget(cfg, {"keys": str(tmp_path / "k.txt")})
@@ -68,7 +68,7 @@ def test_the_report_names_the_checkpoints_that_consumed_a_removed_row_and_the_fi
     aud = out["models"][audited]["checkpoints"]["step00000005"]
     assert aud["consumed"] == {never: 4} and aud["how"] == "keys audit" and out["models"][audited]["saw"] == [
         "step00000005"]
-    assert out["models"][cfg.path("dvae")]["saw"] == ["dvae.pt"]
+    assert out["models"][cfg.path("dvae")]["saw"] == ["dvae.safetensors"]
     assert out["models"]["pictures"]["may_show"] == [os.path.join(cfg.path("dvae"), "recon_step000010.png")]
     dec = out["models"][cfg.path("decoder")]  # read in its batches, but masked out of the loss: not trained on
     assert dec["checkpoints"]["step00000006"]["read_not_trained"] == [late] and dec["clean"] == ["step00000006"]

@@ -198,12 +198,12 @@ def test_ema_formula_buffers_and_state_dict():
 
 def test_save_load_round_trip(tmp_path):
     model = _model()
-    path = str(tmp_path / "diffusion.pt")
+    path = str(tmp_path / "diffusion.safetensors")
     save_prior(path, "diffusion", dataclasses.asdict(SHAPE), model.state_dict(), {"vocab": "bpe"}, steps=1)
     loaded, meta = load_prior(path, "diffusion")
     assert meta == {"vocab": "bpe"} and not loaded.training and loaded.shape == SHAPE
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    torch.save({"kind": "ar", "shape": {}, "state_dict": {}}, path)
+    save_prior(path, "ar", {}, {}, {}, steps=1)
     with pytest.raises(ValueError, match="not a diffusion prior"):
         load_prior(path, "diffusion")
 

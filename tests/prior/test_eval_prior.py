@@ -28,7 +28,7 @@ from pipeline.tokenize.writer import write_token_shard
 D, GRID, TEXT_VOCAB = 16, 2, 49408
 META = {
     "schema_version": schema.SCHEMA_VERSION, "grid": GRID, "embed_dim": D,
-    "dvae": {"path": "dvae.pt", "sha256": "d" * 64, "vocab_size": 32, "shape": {}},
+    "dvae": {"path": "dvae.safetensors", "sha256": "d" * 64, "vocab_size": 32, "shape": {}},
     "clip": {"arch": "tiny", "pretrained": "", "sha256": "c" * 64},
     "tokenizer": {"id": "open_clip:SimpleTokenizer", "vocab_size": TEXT_VOCAB},
     "preprocess": {"image_size": 16, "dvae_input": "rgb/255", "clip_input": "test"},
@@ -241,5 +241,5 @@ def test_eval_prior_errors(run, tmp_path):
     cfg.prior.heldout_percent = 20.0
     with pytest.raises(ValueError, match="expected"):
         eval_prior(cfg, predict=lambda c, t, e, s: e[:, :8])
-    with pytest.raises(FileNotFoundError, match="model.pt"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
         eval_prior(cfg)  # no predict and no checkpoint

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
-from pipeline.prior.checkpoints import export_weights, find_resume, load_prior
+from pipeline.prior.checkpoints import export_weights, find_resume, load_prior, read_weights
 from pipeline.prior.loader import DataError, make_plan
 from pipeline.runtime import ds_seam
 from pipeline.storage.checkpoints import Checkpoints
@@ -170,7 +170,7 @@ def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
     assert got[16] < got[1] * 0.85
     assert json.loads((out / "step00000016" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
 
-    model, meta = load_prior(str(out / "model.pt"), "ar")  # weights gathered from the ZeRO-3 shards
+    model, meta = load_prior(str(out / "model.safetensors"), "ar")  # weights gathered from the ZeRO-3 shards
     assert meta["grid"] == GRID and sum(p.numel() for p in model.parameters()) > 10_000
     exported, _ = load_prior(export_weights(str(out)), "ar")  # offline, from the sharded checkpoint on disk
     for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
@@ -184,7 +184,7 @@ def test_zero3_through_deepspeed_launcher_on_the_job_script(tmp_path, tokens):
 @pytest.mark.slow
 def test_export_of_any_checkpoint_without_deepspeed_ranks(reference):
 
-    final, _ = load_prior(str(reference / "model.pt"), "ar")
+    final, _ = load_prior(str(reference / "model.safetensors"), "ar")
     last, _ = load_prior(export_weights(str(reference)), "ar")
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), last.state_dict().values()))
     earlier, meta = load_prior(export_weights(str(reference), "step00000008"), "ar")
@@ -253,10 +253,10 @@ def test_diffusion_prior_trains_on_two_ranks_and_resumes_exactly(tmp_path, token
     ref_l, got = losses(ref_out), losses(out)
     assert max(abs(got[s] - ref_l[s]) for s in ref_l) < 1e-6
 
-    model, meta = load_prior(str(out / "model.pt"), "diffusion")  # EMA weights, loadable without DeepSpeed
+    model, meta = load_prior(str(out / "model.safetensors"), "diffusion")  # EMA weights, loadable without DeepSpeed
     exported, _ = load_prior(export_weights(str(out)), "diffusion")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), exported.state_dict().values()))
-    raw = torch.load(out / "model.pt", weights_only=True)["raw_state_dict"]
+    raw = read_weights(str(out / "model.safetensors"), "diffusion")["raw_state_dict"]
     assert not torch.equal(raw["out_proj.weight"], model.state_dict()["out_proj.weight"])  # EMA differs from raw
 
 

@@ -5,6 +5,7 @@ and an open_clip CLIP trained for one step in its own folder layout.
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -20,11 +21,13 @@ from pipeline.clip.train import train_clip
 from pipeline.config import ClipConfig, load_config
 from pipeline.demo import synth
 from pipeline.dvae.model import DVAE, DVAEShape, save_dvae
+from pipeline.prior.checkpoints import save_prior
 from pipeline.prior.transformer import DalleTransformer, PriorShape, _sample, pad_text
 from pipeline.sample import draw as sample_draw
 from pipeline.sample import models as sample_models
 from pipeline.sample import records as sample_records
 from pipeline.sample.run import resolve_captions, run_sample
+from pipeline.storage.weights import FORMAT
 from pipeline.tokenize import writer as tokenize
 
 BPE_VOCAB, GRID, CODES, TEXT_LEN = 49408, 4, 16, 8
@@ -202,7 +205,7 @@ def test_rerank_orders_by_score_and_honours_keep():
 def test_write_samples_records_every_candidate(tmp_path, drawn):
     results, _ = drawn
     settings = {"seed": 3, "temperature": 1.0, "top_k": 0, "top_p": 0.95, "guidance_scale": 1.0,
-                "checkpoint": "/x/model.pt"}
+                "checkpoint": "/x/model.safetensors"}
     summary = sample_records.write_samples(results, str(tmp_path), settings)
     assert summary["sample_images"] == 20 and summary["kept_images"] == 8 and summary["sample_grids"] == 4
     table = pq.read_table(tmp_path / "samples.parquet")
@@ -241,9 +244,7 @@ def _meta(dvae_path="", clip_arch="", text_vocab=BPE_VOCAB, image_vocab=CODES, g
 def _save_prior(path, meta, kind="ar", shape=PRIOR_SHAPE):
     torch.manual_seed(0)
     model = DalleTransformer(shape)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"kind": kind, "shape": dataclasses.asdict(shape), "state_dict": model.state_dict(),
-                "tokens_meta": meta, "steps": 1}, path)
+    save_prior(path, kind, dataclasses.asdict(shape), model.state_dict(), meta, 1)
     return model
 
 
@@ -253,27 +254,32 @@ def _cfg(tmp_path, *overrides):
 
 def test_load_sampler_prior_default_and_file(tmp_path):
     cfg = _cfg(tmp_path)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "run" / "prior" / "model.pt")):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "run" / "prior" / "model.safetensors")):
         sample_models.load_sampler_prior(cfg)
-    ref = _save_prior(str(tmp_path / "run" / "prior" / "model.pt"), _meta())
+    ref = _save_prior(str(tmp_path / "run" / "prior" / "model.safetensors"), _meta())
     model, meta, source = sample_models.load_sampler_prior(cfg)
-    assert source == str(tmp_path / "run" / "prior" / "model.pt") and meta["grid"] == GRID
+    assert source == str(tmp_path / "run" / "prior" / "model.safetensors") and meta["grid"] == GRID
     assert not model.training and torch.equal(model.image_head.weight, ref.image_head.weight)
-    other = tmp_path / "elsewhere" / "weights.pt"
+    other = tmp_path / "elsewhere" / "weights.safetensors"
     _save_prior(str(other), _meta())
     assert sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={other}"))[2] == str(other)
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={tmp_path / 'nope.pt'}"))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={tmp_path / 'nope.safetensors'}"))
 
 
 def test_load_sampler_prior_refuses_a_diffusion_prior_and_junk(tmp_path):
-    path = tmp_path / "diffusion.pt"
-    torch.save({"kind": "diffusion", "shape": {"text_vocab": 10, "text_len": 4, "embed_dim": 8},
-                "state_dict": {}, "tokens_meta": _meta()}, path)
+    path = tmp_path / "diffusion.safetensors"
+    save_prior(str(path), "diffusion", {"text_vocab": 10, "text_len": 4, "embed_dim": 8}, {}, _meta(), 1)
     with pytest.raises(ValueError, match=rf"{path}.*'diffusion' prior"):
         sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={path}"))
-    junk = tmp_path / "junk.pt"
+    junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"{junk}: no {tmp_path / 'junk.json'} beside it"):
+        sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={junk}"))
+    (tmp_path / "junk.json").write_text(json.dumps({"format": FORMAT, "sha256": hashlib.sha256(b"not").hexdigest()}))
+    with pytest.raises(ValueError, match="junk.safetensors: its bytes do not match the sha256 in .*junk.json"):
+        sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={junk}"))
+    junk.write_bytes(b"not")
     with pytest.raises(ValueError, match="cannot read prior weights"):
         sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={junk}"))
     empty_dir = tmp_path / "step00000002"
@@ -285,36 +291,36 @@ def test_load_sampler_prior_refuses_a_diffusion_prior_and_junk(tmp_path):
 def test_sample_errors_are_one_line_and_exit_2(tmp_path, capsys):
     from pipeline.cli import main
 
-    dvae = tmp_path / "dvae.pt"
+    dvae = tmp_path / "dvae.safetensors"
     save_dvae(DVAE(DVAE_SHAPE), str(dvae))
     base = ["sample", f"run_dir={tmp_path / 'run'}", "sample.captions=[a red circle]"]
     assert main([*base, f"sample.checkpoint={dvae}"]) == 2  # a dVAE given as the prior
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {dvae}: a dVAE checkpoint (dvae.pt), not a prior's model.pt; give the prior's weights "
-                   "(<prior>/model.pt or a checkpoint folder <prior>/stepNNNNNNNN)"]
+    assert err == [f"error: {dvae}: a dVAE checkpoint (dvae.safetensors), not a prior's model.safetensors; give the "
+                   "prior's weights (<prior>/model.safetensors or a checkpoint folder <prior>/stepNNNNNNNN)"]
     assert main(base) == 2  # no prior trained yet
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "prior/model.pt: no prior weights" in err[0]
-    prior = _save_prior(str(tmp_path / "prior.pt"), _meta())
+    assert len(err) == 1 and err[0].startswith("error: ") and "prior/model.safetensors: no prior weights" in err[0]
+    prior = _save_prior(str(tmp_path / "prior.safetensors"), _meta())
     with pytest.raises(ValueError, match=r"a 'ar' prior's weights, not a dVAE checkpoint"):
         from pipeline.dvae.model import load_dvae
 
-        load_dvae(str(tmp_path / "prior.pt"))
+        load_dvae(str(tmp_path / "prior.safetensors"))
     assert prior is not None
 
 
 def test_load_sampler_prior_refuses_vocabularies_that_disagree(tmp_path):
-    path = str(tmp_path / "run" / "prior" / "model.pt")
+    path = str(tmp_path / "run" / "prior" / "model.safetensors")
     _save_prior(path, _meta(text_vocab=1000))  # the model's own record disagrees with its shape
     with pytest.raises(ValueError, match="tokenizer vocabulary size mismatch: the model has 49408.*1000"):
         sample_models.load_sampler_prior(_cfg(tmp_path))
     _save_prior(path, _meta())
     (tmp_path / "run" / "dvae").mkdir()
     save_dvae(DVAE(DVAEShape(vocab_size=32, n_hid=8, group_count=3, n_blk_per_group=1, n_init=16)),
-              str(tmp_path / "run" / "dvae" / "dvae.pt"))
+              str(tmp_path / "run" / "dvae" / "dvae.safetensors"))
     with pytest.raises(ValueError, match=rf"{path}: dVAE vocabulary size mismatch.*trained with 16.*has 32"):
         sample_models.load_sampler_prior(_cfg(tmp_path))
-    save_dvae(DVAE(DVAE_SHAPE), str(tmp_path / "run" / "dvae" / "dvae.pt"))
+    save_dvae(DVAE(DVAE_SHAPE), str(tmp_path / "run" / "dvae" / "dvae.safetensors"))
     with pytest.raises(ValueError, match="image token grid mismatch.*trained with 4.*has 8"):
         sample_models.load_sampler_prior(_cfg(tmp_path, "download.image_size=32"))
     assert sample_models.load_sampler_prior(_cfg(tmp_path))[2] == path  # the run's dVAE fits
@@ -341,16 +347,16 @@ def test_load_sampler_prior_exports_a_deepspeed_checkpoint_folder(tmp_path, monk
     # checkpoints (ZeRO shards on 2 ranks, equal to the live weights) is tested in tests/prior/test_prior_train.py.
     def fake_export(out, tag=None):
         calls.append((out, tag))
-        path = os.path.join(out, tag, "model.pt")
+        path = os.path.join(out, tag, "model.safetensors")
         _save_prior(path, _meta())
         return path
 
     monkeypatch.setattr(sample_models, "export_weights", fake_export)
     for given in (str(tag_dir), str(tag_dir) + "/"):
         model, meta, source = sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={given}"))
-        assert source == str(tag_dir / "model.pt") and model.shape == PRIOR_SHAPE
+        assert source == str(tag_dir / "model.safetensors") and model.shape == PRIOR_SHAPE
     assert calls == [(str(prior_dir), "step00000004")]  # exported once, then the export is reused
-    os.utime(tag_dir / "model.pt", (1, 1))  # an export older than the checkpoint's complete.json is redone
+    os.utime(tag_dir / "model.json", (1, 1))  # an export older than the checkpoint's complete.json is redone
     sample_models.load_sampler_prior(_cfg(tmp_path, f"sample.checkpoint={tag_dir}"))
     assert len(calls) == 2
 
@@ -361,10 +367,10 @@ def test_load_sampler_prior_exports_a_deepspeed_checkpoint_folder(tmp_path, monk
 def test_sample_stage_writes_grids_records_and_stats(tmp_path, tiny_clip_dir):
     run = tmp_path / "run"
     (run / "dvae").mkdir(parents=True)
-    dvae_path = str(run / "dvae" / "dvae.pt")
+    dvae_path = str(run / "dvae" / "dvae.safetensors")
     torch.manual_seed(0)
     save_dvae(DVAE(DVAE_SHAPE), dvae_path)
-    _save_prior(str(run / "prior" / "model.pt"), _meta(dvae_path, f"local-dir:{tiny_clip_dir}"))
+    _save_prior(str(run / "prior" / "model.safetensors"), _meta(dvae_path, f"local-dir:{tiny_clip_dir}"))
     _, heldout = synth.make_samples(40, 0.1, seed=0)
     (run / "dataset.json").write_text(json.dumps({"heldout_captions": heldout}))
     extra = tmp_path / "more.txt"
@@ -376,13 +382,13 @@ def test_sample_stage_writes_grids_records_and_stats(tmp_path, tiny_clip_dir):
     assert (report / "samples.png").read_bytes()[:4] == b"\x89PNG"
     table = pq.read_table(report / "samples.parquet").to_pylist()
     assert len(table) == 6 and sum(r["kept"] for r in table) == 4
-    assert all(r["checkpoint"] == str(run / "prior" / "model.pt") for r in table)
+    assert all(r["checkpoint"] == str(run / "prior" / "model.safetensors") for r in table)
     assert (report / "samples" / "001.png").exists() and (report / "samples" / "001" / "2.png").exists()
     assert summary["scored"] == 2 and summary["kept_images"] == 4
     best = np.mean([r["clip_score"] for r in table if r["rank"] == 0])  # the gain, recomputed from the records
     first = np.mean([r["clip_score"] for r in table if r["draw_index"] == 0])
     assert summary["rerank_gain"] == pytest.approx(best - first, abs=1e-5)
-    assert summary["checkpoint"] == str(run / "prior" / "model.pt") and summary["top_p"] == 0.9
+    assert summary["checkpoint"] == str(run / "prior" / "model.safetensors") and summary["top_p"] == 0.9
     cfg = _cfg(tmp_path, "sample.candidates=2", f"sample.captions=[{extra}, '']", f"sample.output={tmp_path / 'r2'}")
     summary, results = run_sample(cfg)
     assert [r.caption for r in results] == ["a purple star on a grey background", ""]
