@@ -11,7 +11,7 @@ D, GRID = 32, 4
 # Shaped like pipeline.tokenize.encode.Encoder.metadata(); only grid, embed_dim and the SHARED_META fields matter here.
 META = {
     "schema_version": schema.SCHEMA_VERSION, "grid": GRID, "embed_dim": D,
-    "dvae": {"path": "dvae.pt", "sha256": "d" * 64, "vocab_size": 8192,
+    "dvae": {"path": "dvae.safetensors", "sha256": "d" * 64, "vocab_size": 8192,
              "shape": {"vocab_size": 8192, "n_hid": 16, "group_count": 4}},
     "clip": {"arch": "ViT-B-32", "pretrained": "random.pt", "sha256": "c" * 64},
     "tokenizer": {"id": "open_clip:SimpleTokenizer", "vocab_size": 49408},
