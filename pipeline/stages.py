@@ -37,6 +37,13 @@ def _on_worker(cfg: Config, key: str, request: dict[str, float], fn: Callable[..
 _ONE_CPU = {"CPU": 1.0}  # bookkeeping-sized stages (export, report): one CPU on any worker
 
 
+def _check_tracking(cfg: Config) -> None:
+    """``logging.wandb`` set without the wandb package: refused before any work, saying how to install it."""
+    from pipeline.training.tracking import require_wandb
+
+    require_wandb(cfg.logging.wandb)
+
+
 def download(cfg: Config) -> dict[str, Any]:
     """URL list → committed image shards, one Ray task per shard."""
     from pipeline.download.run import run_download
@@ -51,6 +58,7 @@ def download(cfg: Config) -> dict[str, Any]:
 
 def train_dvae(cfg: Config) -> dict[str, Any]:
     """The dVAE on ``dvae.num_procs`` ranks, or OpenAI's / a given dvae.safetensors imported (``dvae.weights``)."""
+    _check_tracking(cfg)
     if cfg.dvae.weights:  # OpenAI's published dVAE, or a checkpoint of ours: no training, same output layout
         from pipeline.dvae.openai import import_weights
 
@@ -69,6 +77,7 @@ def eval_dvae(cfg: Config) -> dict[str, Any]:
 
 def train_clip(cfg: Config, images: Any = None, captions: list[str] | None = None) -> dict[str, Any]:
     """The run's small CLIP (skipped when ``clip.model`` names one); ``images``/``captions`` if already loaded."""
+    _check_tracking(cfg)
     from pipeline.clip.train import run_train_clip
 
     if images is not None:  # already in this process's memory (the demo): train here
@@ -144,6 +153,7 @@ def import_embeddings(cfg: Config) -> dict[str, Any]:
 
 def train_prior(cfg: Config) -> dict[str, Any]:
     """Either prior (``prior.kind``) on ``prior.num_procs`` ranks (deepspeed launcher or Ray Train)."""
+    _check_tracking(cfg)
     from pipeline.prior.train import launch
 
     return timed(lambda: launch(cfg))
@@ -151,6 +161,7 @@ def train_prior(cfg: Config) -> dict[str, Any]:
 
 def train_decoder(cfg: Config) -> dict[str, Any]:
     """DALL-E 2's decoder (CLIP image embedding → pixels) on ``decoder.num_procs`` ranks, the priors' engine."""
+    _check_tracking(cfg)
     from pipeline.decoder.train import launch
 
     return timed(lambda: launch(cfg))

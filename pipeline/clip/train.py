@@ -45,7 +45,24 @@ def run_train_clip(cfg: Config, images: np.ndarray | None = None,
         uniq.setdefault(c, i)
     pick = list(uniq.values())[:64]
     result["retrieval_top1_64"] = retrieval_accuracy(bundle, images[pick], [captions[i] for i in pick])
+    _track(cfg, losses, result)
     return result
+
+
+def _track(cfg: Config, losses: list[float], result: dict[str, Any]) -> None:
+    """The per-step contrastive losses metrics.json records, to W&B when ``logging.wandb`` is set (CLIP trains in
+    one process, in seconds: they are sent once it is done)."""
+    from pipeline.config import to_dict
+    from pipeline.training import tracking
+
+    run = tracking.open_run(cfg.logging.wandb, "train-clip", cfg.path("clip"),
+                            Workspace(cfg.path("clip"), role="wandb").local, to_dict(cfg))
+    if run is None:
+        return
+    for step, loss in enumerate(losses, 1):
+        run.log({"train/loss": loss}, step)
+    run.summary({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.finish()
 
 
 def train_clip(cfg: ClipConfig, images: np.ndarray, captions: list[str], out_dir: str, seed: int) -> dict[str, Any]:

@@ -21,11 +21,11 @@ ROOT_KEYS = "(root)"
 # The sections each command reads besides the root keys (run_dir, seed, ray_address, num_cpus, cluster_config).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "download": ("download", "data"),
-    "train-dvae": ("dvae", "download"),
-    "train-clip": ("clip", "download"),
+    "train-dvae": ("dvae", "download", "logging"),
+    "train-clip": ("clip", "download", "logging"),
     "tokenize": ("tokenize", "download", "dvae", "clip"),
-    "train-prior": ("prior", "tokenize", "dvae", "clip"),
-    "train-decoder": ("decoder", "download", "tokenize", "clip"),
+    "train-prior": ("prior", "tokenize", "dvae", "clip", "logging"),
+    "train-decoder": ("decoder", "download", "tokenize", "clip", "logging"),
     "export": ("tokenize",),
     "dedup": ("curate", "tokenize"),
     "forget": ("download", "tokenize", "prior", "diffusion", "decoder"),

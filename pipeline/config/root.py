@@ -29,6 +29,7 @@ from pipeline.config.sections import (
     SampleConfig,
     TokenizeConfig,
 )
+from pipeline.config.tracking import LoggingConfig
 from pipeline.storage.commit import join
 
 
@@ -60,6 +61,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     """Near-duplicates (`dedup`, a side table in <tokens>/_dedup) and published embeddings in (`import-embeddings`)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Experiment tracking: `logging.wandb` streams every trainer's scalars and images to Weights & Biases."""
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir", "must not be empty")

@@ -176,8 +176,8 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
     write_weights(task.engine, d.zero_stage, shape, plan.meta, d.steps, join(out, MODEL_FILE), task.ema,
                   kind="decoder")
     if task.log is not None:
+        task.log.image("loss_curve", plot_loss_curve(task.ws.local, title="decoder training loss (ε/v MSE)"), d.steps)
         task.log.close()
-        plot_loss_curve(task.ws.local, title="decoder training loss (ε/v MSE)")
     task.push_logs("loss_curve.png")
 
 

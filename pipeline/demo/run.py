@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline.runtime.progress import timed
 from pipeline.sample.run import run_sample
 from pipeline.storage.commit import atomic_output
 from pipeline.storage.urls import join, write_json
+from pipeline.training.tracking import require_wandb
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     from pipeline.tokenize.encode import encoder_spec
     from pipeline.tokenize.run import run_tokenize
 
+    require_wandb(cfg.logging.wandb)  # set without the package: refused before any work
     t_all = time.time()
     summaries: dict[str, dict[str, Any]] = {}
 
@@ -89,9 +92,30 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     run_dalle2(cfg, stage, images)  # DALL-E 2: decoder trained, evaluated, chained after the prior; variations
     report_path = write_run_report(cfg, summaries, drawn, images)
     summaries["total"] = {"wall_s": round(time.time() - t_all, 2)}
+    _track(cfg, summaries)
     d1, d2 = summaries["sample"], summaries["sample-dalle2"]
     return {"report": report_path, "stages": summaries, "match": d1["match"], "chance": d1["chance"],
             "dalle2_match": d2["match"], "dalle2_chance": d2["chance"]}
+
+
+def _track(cfg: Config, summaries: dict[str, dict[str, Any]]) -> None:
+    """With ``logging.wandb`` set, a ``demo`` W&B run beside the trainers' own: every stage's headline numbers as its
+    summary (``<stage>/<figure>``) and the report's PNGs (samples, reconstructions, loss curves) as images."""
+    from pipeline.config import to_dict
+    from pipeline.storage.urls import Workspace, local_copy
+    from pipeline.training import tracking
+
+    run = tracking.open_run(cfg.logging.wandb, "demo", cfg.run_dir, Workspace(cfg.path("report"), role="wandb").local,
+                            to_dict(cfg))
+    if run is None:
+        return
+    run.summary({f"{stage}/{k}": v for stage, figures in summaries.items() for k, v in figures.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    folder = local_copy(cfg.path("report"))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".png"):
+            run.image(f"report/{name.removesuffix('.png')}", os.path.join(folder, name), 0)
+    run.finish()
 
 
 def _keep(summary_and_results: tuple[dict[str, Any], list], into: list) -> dict[str, Any]:

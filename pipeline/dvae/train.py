@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Config, DVAEConfig
+from pipeline.config import Config, DVAEConfig, to_dict
 from pipeline.curate.filter import select_image_rows, write_selection
 from pipeline.dvae.data import ShardCache, ShardStream, choose_heldout, shard_counts
 from pipeline.dvae.eval import evaluate, write_grid
@@ -39,7 +39,7 @@ from pipeline.storage import commit
 from pipeline.storage.checkpoints import Checkpoints
 from pipeline.storage.urls import Workspace, check_writable, exists, join, read_json
 from pipeline.storage.weights import DVAE_FILE, saved
-from pipeline.training import loop, ranks
+from pipeline.training import loop, ranks, tracking
 from pipeline.training.metrics import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.training.ranks import check_checkpoint_location, rank_lease, rank_main, step_seed
 
@@ -276,7 +276,8 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         heldout_x = images.cache.images(np.array(images.heldout, dtype=np.int64).reshape(-1, 2)) \
             if images.heldout else None
         ws.pull(METRICS_FILE)  # the run's log so far, from its storage
-        log = MetricsLog(ws.local, d.steps, prefix=PREFIX, tb_dir="tb")
+        log = MetricsLog(ws.local, d.steps, prefix=PREFIX, tb_dir="tb",
+                         tracker=tracking.open_run(cfg.logging.wandb, "train-dvae", out, ws.local, to_dict(cfg)))
         log.truncate_after(start)  # what an interrupted run logged past its checkpoint is trained (and logged) again
         if images.selection:
             write_selection(images, ws, PREFIX)
@@ -321,6 +322,7 @@ def _finish(cfg: Config, task: DVAETask, shape: DVAEShape, size: int) -> dict[st
     }
     if task.heldout_x is not None:
         result.update(task.evaluate(final, d.steps), recon_grid=join(out, f"recon_step{d.steps:06d}.png"))
+    task.log.summary(result)
     task.log.close()
     task.push_logs()
     task.lease_check()

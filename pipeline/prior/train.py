@@ -32,7 +32,7 @@ from pipeline.storage.commit import atomic_output
 from pipeline.storage.faults import fault_point
 from pipeline.storage.urls import Workspace, check_writable, join
 from pipeline.storage.weights import MODEL_FILE, saved
-from pipeline.training import loop, ranks
+from pipeline.training import loop, ranks, tracking
 from pipeline.training.metrics import METRICS_FILE, MetricsLog, plot_loss_curve, read_metrics
 from pipeline.training.ranks import rank_lease, rank_main, rng_state, set_rng_state, step_generator
 
@@ -91,8 +91,8 @@ def _train(cfg: Config, rank: int, world: int, lease_check: Callable[[], None]) 
         lease_check()
     write_weights(task.engine, p.zero_stage, shape, plan.meta, p.steps, join(out, MODEL_FILE), task.ema)
     if task.log is not None:
+        task.log.image("loss_curve", plot_loss_curve(task.ws.local), p.steps)
         task.log.close()
-        plot_loss_curve(task.ws.local)
     task.push_logs("loss_curve.png")
 
 
@@ -149,7 +149,10 @@ class PriorTask:
     def open(self, start: int) -> None:
         if self.rank == 0:
             self.ws.pull(METRICS_FILE)  # the run's log so far, from its storage
-            self.log = MetricsLog(self.ws.local, self.p.steps, tensorboard=self.p.tensorboard, prefix=self.prefix)
+            tracker = tracking.open_run(self.cfg.logging.wandb, self.prefix.strip("[]"), self.out, self.ws.local,
+                                        to_dict(self.cfg))
+            self.log = MetricsLog(self.ws.local, self.p.steps, tensorboard=self.p.tensorboard, prefix=self.prefix,
+                                  tracker=tracker)
             self.log.truncate_after(start)  # steps past the checkpoint are trained again; log them once
         if self.p.record_keys:
             self.ws.pull(_keys_name(self.rank))

@@ -1,5 +1,6 @@
 """The one training log of every trainer, written on rank 0: ``metrics.jsonl`` (the one reader is ``read_metrics``),
-TensorBoard scalars and images, a console line, and the loss-curve PNG.
+TensorBoard scalars and images, a W&B run when ``logging.wandb`` is set (``pipeline.training.tracking``), a console
+line, and the loss-curve PNG.
 
 Nothing here touches a model or an engine: trainers hand in plain records ``{"step": N, ...numbers}``.
 """
@@ -36,11 +37,13 @@ _warned_no_tensorboard = False
 class MetricsLog:
     """Rank-0 training log: metrics.jsonl (append; truncate_after() drops records after a step on resume),
     TensorBoard event files (a SummaryWriter under ``<out>/<tb_dir>``, when enabled; if tensorboard is not
-    importable, warn once and continue), and a console line (``console`` given to ``log``, else a progress bar)."""
+    importable, warn once and continue), the same scalars and images to ``tracker`` (a W&B run, or None), and a
+    console line (``console`` given to ``log``, else a progress bar)."""
 
     def __init__(self, out_dir: str, total_steps: int, tensorboard: bool = True, prefix: str = "[train-prior]",
-                 tb_dir: str = "tensorboard"):
+                 tb_dir: str = "tensorboard", tracker: Any = None):
         self.out_dir, self.total_steps, self.prefix, self.tb_dir = out_dir, total_steps, prefix, tb_dir
+        self.tracker = tracker
         self.path = os.path.join(out_dir, METRICS_FILE)
         os.makedirs(out_dir, exist_ok=True)
         self._file = open(self.path, "a")
@@ -82,16 +85,20 @@ class MetricsLog:
         step = int(record["step"])
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash must not lose logged steps
+        scalars = {f"{section}/{k}": v for k, v in record.items() if k != "step" and _is_number(v)}
         writer = self._tb()
         if writer is not None:
-            for k, v in record.items():
-                if k != "step" and _is_number(v):
-                    writer.add_scalar(f"{section}/{k}", v, step)
+            for tag, v in scalars.items():
+                writer.add_scalar(tag, v, step)
             writer.flush()  # default flush is every 120 s: too late for someone watching a short job
+        if self.tracker is not None:
+            self.tracker.log(scalars, step)
         print(self._console_line(step, record) if console is None else console, flush=True)
 
     def image(self, tag: str, path: str, step: int) -> None:
-        """A PNG (e.g. a reconstruction grid) as a TensorBoard image."""
+        """A PNG (e.g. a reconstruction grid, the loss curve) as a TensorBoard and W&B image."""
+        if self.tracker is not None:
+            self.tracker.image(tag, path, step)
         writer = self._tb()
         if writer is not None:
             import numpy as np
@@ -99,6 +106,11 @@ class MetricsLog:
 
             writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
             writer.flush()
+
+    def summary(self, figures: dict[str, Any]) -> None:
+        """A trainer's final figures (its numbers) as the W&B run's summary; metrics.json holds them all."""
+        if self.tracker is not None:
+            self.tracker.summary({k: v for k, v in figures.items() if _is_number(v)})
 
     def _console_line(self, step: int, r: dict[str, Any]) -> str:
         total = max(self.total_steps, 1)
@@ -127,6 +139,9 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
 
 
 def read_metrics(out_dir: str, kind: str | None = None) -> list[dict[str, Any]]:
