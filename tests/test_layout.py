@@ -112,9 +112,11 @@ def _declared() -> set[str]:
 
 
 # Imported only when a setting asks for them, each behind an error that says how to install it; not runtime
-# dependencies because pip cannot install them with ours (their metadata pins what this venv outgrew).
+# dependencies because pip cannot install them with ours (their metadata pins what this venv outgrew), or because the
+# pipeline never needs them (W&B is the user's choice; in the dev extra for its tests).
 OPTIONAL_IMPORTS = {
     "autofaiss": "tokenize.export_index; 2.18 declares numpy<2, so make setup installs it --no-deps",
+    "wandb": "logging.wandb.project; optional experiment tracking (ConfigError: pip install wandb)",
 }
 
 
