@@ -14,6 +14,7 @@ from pipeline.config import Config
 from pipeline.dvae.model import load_dvae
 from pipeline.errors import NotFoundError
 from pipeline.report import figures as figures_lib
+from pipeline.report import overview
 from pipeline.report.html import write_html
 from pipeline.report.markdown import write_markdown
 from pipeline.report.summaries import SUMMARIES, read_summaries
@@ -48,8 +49,15 @@ def write_run_report(cfg: Config, summaries: dict[str, dict[str, Any]], results:
     if exists(join(decoder, "metrics.jsonl")):
         curves["decoder (v/ε MSE, DeepSpeed)"] = [(r["step"], r["loss"]) for r in read_metrics(decoder)]
     figures_lib.loss_curves(curves, str(out / "loss_curves.png"))
-    figures = {"Samples for held-out captions (CLIP-reranked, best outlined)": "samples.png",
+    shown = overview.image_grid(cfg.path("images"), str(out / "dataset_grid.png"))
+    facts = {"headlines": overview.headlines(summaries), "throughput": overview.throughput(summaries),
+             "dataset_grid": shown,
+             **overview.token_histograms(cfg.path("tokens"), dvae.shape.vocab_size, str(out))}
+    figures = {f"Downloaded images and their captions (the first {len(shown['keys'])})": "dataset_grid.png",
+               "Samples for held-out captions (CLIP-reranked, best outlined)": "samples.png",
                "dVAE reconstructions (top: downloaded, bottom: decoded from tokens)": "dvae_reconstructions.png",
+               "dVAE codebook usage over the token shards": "codebook_usage.png",
+               "CLIP similarity of caption and image over the token shards": "clip_similarity.png",
                "Loss curves": "loss_curves.png"}
     diffusion_eval = join(diffusion, "eval", "eval.json")
     evaluation = read_json(diffusion_eval) if exists(diffusion_eval) else None
@@ -58,9 +66,10 @@ def write_run_report(cfg: Config, summaries: dict[str, dict[str, Any]], results:
         figures["Diffusion prior: nearest dataset images to the predicted CLIP image embedding (held-out captions, "
                 "true image outlined)"] = "diffusion_retrieval.png"
     dalle2 = _dalle2(cfg, summaries, out, figures)
-    write_markdown(str(out), summaries, summaries["sample"], figures, evaluation, dalle2)
+    write_markdown(str(out), summaries, summaries["sample"], figures, evaluation, dalle2, facts)
     write_html(str(out))  # report.html: the same report with every image inlined, one file to share
     ws.push("report.md", "report.json", "report.html", "dvae_reconstructions.png", "loss_curves.png",
+            "dataset_grid.png", "codebook_usage.png", "clip_similarity.png",
             "diffusion_retrieval.png", "decoder_reconstructions.png")
     return ws.url_of("report.md")
 

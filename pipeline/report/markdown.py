@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.report import overview as overview_lib
+
 
 def write_markdown(folder: str, stages: dict[str, dict[str, Any]], scores: dict[str, float],
                    figures: dict[str, str], diffusion: dict[str, Any] | None = None,
-                   dalle2: dict[str, Any] | None = None) -> str:
+                   dalle2: dict[str, Any] | None = None, overview: dict[str, Any] | None = None) -> str:
+    """``report.md`` and ``report.json``; ``overview`` (``pipeline.report.overview``: headline figures, throughput,
+    the dataset grid's keys, the histograms) replaces the key=value stage table and is recorded whole."""
     lines = ["# Run report", "", "## Caption faithfulness (read from pixels of the CLIP-reranked samples)", "",
              "| measure | value | chance |", "|---|---|---|",
              f"| shape colour matches caption | {scores['match']:.3f} | {scores['chance']:.3f} |",
@@ -23,16 +27,20 @@ def write_markdown(folder: str, stages: dict[str, dict[str, Any]], scores: dict[
         lines += _diffusion_section(diffusion)
     if dalle2 is not None:
         lines += dalle2_section(scores, dalle2.get("samples"), dalle2.get("eval"))
-    lines += ["## Stages", "", "| stage | wall s | figures |", "|---|---|---|"]
-    for name, st in stages.items():
-        figs = ", ".join(f"{k}={_fmt(v)}" for k, v in st.items() if k != "wall_s" and not isinstance(v, (list, dict)))
-        lines.append(f"| {name} | {st.get('wall_s', 0):.1f} | {figs} |")
-    lines.append("")
+    if overview is not None:
+        lines += overview_lib.markdown(stages, overview["headlines"], overview["throughput"])
+    else:
+        lines += ["## Stages", "", "| stage | wall s | figures |", "|---|---|---|"]
+        for name, st in stages.items():
+            figs = ", ".join(f"{k}={_fmt(v)}" for k, v in st.items()
+                             if k != "wall_s" and not isinstance(v, (list, dict)))
+            lines.append(f"| {name} | {st.get('wall_s', 0):.1f} | {figs} |")
+        lines.append("")
     for title, fname in figures.items():
         lines += [f"## {title}", "", f"![{title}]({fname})", ""]
     path = Path(folder) / "report.md"
     path.write_text("\n".join(lines))
-    record = {"stages": stages, "scores": scores}
+    record = {"stages": stages, "scores": scores, **({"overview": overview} if overview is not None else {})}
     if dalle2 is not None:
         record["dalle2"] = {"scores": dalle2.get("samples"), "decoder_eval": dalle2.get("eval")}
     (Path(folder) / "report.json").write_text(json.dumps(record, indent=1, default=str))
