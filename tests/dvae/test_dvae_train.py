@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 import torch
+import wandbfiles
 
 from pipeline import stages
 from pipeline.config import load_config
@@ -120,32 +121,6 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tmp_path):
     assert a["ranks"] == 2 and a["train_images"] == 44
 
 
-def _wandb_records(run_dir: str) -> list:
-    """The protobuf records of an offline W&B run's ``run-<id>.wandb`` file: a ``:W&B`` header (7 bytes), then
-    LevelDB-log chunks (crc32c, length, type: 1 whole, 2/3/4 first/middle/last) in 32 KiB blocks."""
-    import glob
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
-    pos, buf, out = 7, b"", []
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
-            out.append(record)
-            buf = b""
-    return out
-
-
 def test_an_offline_wandb_run_gets_the_same_scalars_and_the_grids(tmp_path, monkeypatch, capsys):
     """logging.wandb set: rank 0 streams every metrics.jsonl number (what TensorBoard gets) and the reconstruction
     grid to a W&B run, here offline (no network), with the run's final figures as its summary."""
@@ -160,12 +135,8 @@ def test_an_offline_wandb_run_gets_the_same_scalars_and_the_grids(tmp_path, monk
                       "dvae.heldout_images=4", "dvae.grid_every=6", "dvae.save_every=6",
                       "logging.wandb.project=dalle-pipeline-test", "logging.wandb.mode=offline"])
     (run_dir,) = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*"))
-    records = _wandb_records(run_dir)
-    history: dict[int, dict] = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-            history.setdefault(r.history.step.num, {}).update(items)
+    records = wandbfiles.records(run_dir)
+    history = wandbfiles.history(records)
     logged = [json.loads(x) for x in (tmp_path / "dvae" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(history) == sorted({r["step"] for r in logged}) == [2, 4, 6]
     for r in logged:  # every number of every record, under <section>/<key> as TensorBoard names it
@@ -173,10 +144,7 @@ def test_an_offline_wandb_run_gets_the_same_scalars_and_the_grids(tmp_path, monk
         assert want and all(history[r["step"]][k] == pytest.approx(v) for k, v in want.items()), (r, history)
     image = history[6]  # the held-out reconstruction grid, a media file of the run
     assert image["recon/_type"] == "image-file" and os.path.isfile(os.path.join(run_dir, "files", image["recon/path"]))
-    summary = {}
-    for r in records:
-        if r.WhichOneof("record_type") == "summary":
-            summary.update({i.key: json.loads(i.value_json) for i in r.summary.update})
+    summary = wandbfiles.summary(records)
     assert summary["heldout_mse"] == pytest.approx(result["heldout_mse"])
     keys = {k.removesuffix("/_type") for row in history.values() for k in row
             if not k.startswith("_") and (k.endswith("/_type") or "/" in k and k.split("/")[0] in ("train", "eval"))}
