@@ -85,11 +85,18 @@ def _gen_path(path: str, gen: int) -> str:
 
 
 def _read(fs: Any, path: str, gen: int) -> dict[str, Any] | None:
-    try:
-        with fs.open(_gen_path(path, gen), "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
+    # One whole-object GET (cat_file), not open()+read(): s3fs's open pins the ETag it saw first, so a heartbeat
+    # rewriting the lease between its HEAD and its GET failed a task's commit check with PreconditionFailed.
+    for attempt in range(3):
+        try:
+            return json.loads(fs.cat_file(_gen_path(path, gen)))
+        except (FileNotFoundError, ValueError):
+            return None
+        except OSError:  # s3fs's FileExpired and kin: the object changed under the read; read it again
+            if attempt == 2:
+                raise
+            time.sleep(0.1)
+    return None
 
 
 def _create_exclusive(fs: Any, target: str, data: bytes) -> bool:

@@ -168,7 +168,7 @@ def test_fetch_threads_hand_bodies_to_image_threads_and_hold_a_bounded_number(mo
             fetched.append(url)
         return FetchResult("ok", b"body-" + url.encode(), status=200, attempts=1)
 
-    def slow_image(got, proc):
+    def slow_image(got, proc, verify=None):
         gate.wait(5)  # the image threads are slow: fetch threads must stop, not pile bodies up
         with lock:
             held[0] -= 1
@@ -191,7 +191,7 @@ def test_a_failing_image_step_fails_the_shard_without_fetching_the_rest(monkeypa
     calls = []
     monkeypatch.setattr(shard, "fetch", lambda url, *a: calls.append(url) or FetchResult("ok", b"x", attempts=1))
 
-    def boom(got, proc):
+    def boom(got, proc, verify=None):
         raise RuntimeError("decoder crashed")
 
     monkeypatch.setattr(shard, "_image", boom)
