@@ -4,6 +4,8 @@ dotted key)."""
 
 from pipeline.config.checks import ConfigError
 from pipeline.config.decoder import DECODER_SIZES, DecoderConfig
+from pipeline.config.download import DataConfig, DownloadConfig
+from pipeline.config.dvae import DVAEConfig
 from pipeline.config.prior import ATTENTION_KINDS, PRIOR_SIZES, PriorConfig
 from pipeline.config.root import (
     Config,
@@ -14,14 +16,8 @@ from pipeline.config.root import (
     parse_override,
     to_dict,
 )
-from pipeline.config.sections import (
-    ClipConfig,
-    DataConfig,
-    DownloadConfig,
-    DVAEConfig,
-    SampleConfig,
-    TokenizeConfig,
-)
+from pipeline.config.sample import SampleConfig
+from pipeline.config.tokenize import ClipConfig, TokenizeConfig
 
 __all__ = ["ATTENTION_KINDS", "DECODER_SIZES", "PRIOR_SIZES", "ClipConfig", "Config", "ConfigError", "DataConfig",
            "DecoderConfig", "DownloadConfig",

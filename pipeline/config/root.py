@@ -20,15 +20,11 @@ from pipeline.config.checks import ConfigError
 from pipeline.config.checks import check as _check
 from pipeline.config.curate import CurateConfig
 from pipeline.config.decoder import DecoderConfig
+from pipeline.config.download import DataConfig, DownloadConfig
+from pipeline.config.dvae import DVAEConfig
 from pipeline.config.prior import PriorConfig
-from pipeline.config.sections import (
-    ClipConfig,
-    DataConfig,
-    DownloadConfig,
-    DVAEConfig,
-    SampleConfig,
-    TokenizeConfig,
-)
+from pipeline.config.sample import SampleConfig
+from pipeline.config.tokenize import ClipConfig, TokenizeConfig
 from pipeline.config.tracking import LoggingConfig
 from pipeline.storage.commit import join
 

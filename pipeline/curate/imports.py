@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config
-from pipeline.config.sections import RESERVED_COLUMNS
+from pipeline.config.download import RESERVED_COLUMNS
 from pipeline.errors import DataError, NotFoundError
 from pipeline.storage import commit, schema
 from pipeline.storage.lease import Lease

@@ -23,7 +23,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig
-from pipeline.config.sections import INPUT_FORMATS
+from pipeline.config.download import INPUT_FORMATS
 from pipeline.download.shard import OOM_SHARD_COUNT, ShardPlan, extra_fields
 from pipeline.download.writer import sample_key
 from pipeline.errors import InputError
