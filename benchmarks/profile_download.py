@@ -120,7 +120,14 @@ def main() -> None:
     ap.add_argument("--tasks-per-core", type=int, default=2)
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     ap.add_argument("--raw", default="", help="also copy py-spy's collapsed stacks here")
+    ap.add_argument("--fold", default="", help="fold a capture saved with --raw instead of running")
     args = ap.parse_args()
+    if args.fold:
+        with open(args.fold) as f:
+            counts, total = fold(f.read())
+        publish(counts, total, {"protocol": args.protocol, "images": args.images, "capture": args.fold,
+                                "machine": "of the run that saved the capture (not recorded in it)"})
+        return
     cores, state = len(os.sched_getaffinity(0)), machine_state()
     profile = servers.WebProfile()
     folder, manifest = servers.image_set(300, cores)
@@ -147,12 +154,15 @@ def main() -> None:
     finally:
         proc.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
+    publish(counts, total, {"protocol": args.protocol, "images": args.images, "machine": state})
+
+
+def publish(counts: Counter, total: int, about: dict[str, Any]) -> None:
     shares = {k: round(v / total, 3) for k, v in counts.most_common()}
     result: dict[str, Any] = {
         "headline": {"name": "download_cpu_share_image_work", "higher_is_better": True, "goal": None,
                      "value": round(sum(v for k, v in shares.items() if k.startswith("image")), 3)},
-        "protocol": args.protocol, "images": args.images, "samples": total, "rate_hz": 50, "shares": shares,
-        "categories": dict(CATEGORIES), "machine": state}
+        **about, "samples": total, "rate_hz": 50, "shares": shares, "categories": dict(CATEGORIES)}
     write_result("download_profile", result)
 
 
