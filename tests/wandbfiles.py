@@ -7,16 +7,31 @@ import glob
 import json
 import os
 import struct
+import time
 from typing import Any
 
 
-def records(run_dir: str) -> list[Any]:
+def records(run_dir: str, timeout: float = 30.0) -> list[Any]:
     """The run's protobuf records: a ``:W&B`` header (7 bytes), then LevelDB-log chunks (crc32c, length, type: 1
-    whole, 2/3/4 first/middle/last) in 32 KiB blocks."""
+    whole, 2/3/4 first/middle/last) in 32 KiB blocks. W&B's writer can still be flushing the file when the run's
+    ``finish`` has returned, so a file that ends inside a chunk or a record is read again until it is whole."""
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, "rb") as f:
+            data = f.read()
+        got = _parse(data)
+        if got is not None or time.monotonic() > deadline:
+            assert got is not None, f"{path} ({len(data)} bytes) still ends inside a record after {timeout}s"
+            return got
+        time.sleep(0.2)
+
+
+def _parse(data: bytes) -> list[Any] | None:
+    """The records of a whole file; None when it ends inside a chunk or a record (still being written)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    data = open(path, "rb").read()
     assert data[:4] == b":W&B"
     pos, buf, out = 7, b"", []
     while pos + 7 <= len(data):
@@ -24,13 +39,18 @@ def records(run_dir: str) -> list[Any]:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            return None
         buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
+            try:
+                record.ParseFromString(buf)
+            except DecodeError:
+                return None
             out.append(record)
             buf = b""
-    return out
+    return None if buf else out
 
 
 def history(recs: list[Any]) -> dict[int, dict[str, Any]]:
