@@ -292,6 +292,13 @@ def _limits(rates: dict[str, Any], limit_cores: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------- the cases
 
 
+def ours_settings(url_list: str, shard_size: int, image_size: int, threads: int) -> dict[str, Any]:
+    """Our ``download:`` keys for the resize and encode settings both tools get (center_crop, jpg 95, no retries)."""
+    return {"input": url_list, "shard_size": shard_size, "image_size": image_size, "resize_mode": "center_crop",
+            "output_format": "webdataset", "encode_format": "jpg", "encode_quality": 95, "thread_count": threads,
+            "timeout": 10, "retries": 0}
+
+
 def write_url_list(path: str, urls: list[str]) -> None:
     import pandas as pd
 
@@ -337,9 +344,7 @@ def web_case(args: argparse.Namespace, cores: int, limit_cores: float, tmp: str)
             write_url_list(url_list, servers.urls(args.images, profile, ports[scheme], scheme, manifest))
             ca = tls["ca"] if scheme == "https" else None
             per = args.tasks_per_core  # the same connections in flight: per-core tasks x threads each
-            download = {"input": url_list, "shard_size": args.shard_size, "image_size": args.image_size,
-                        "resize_mode": "center_crop", "output_format": "webdataset", "encode_format": "jpg",
-                        "encode_quality": 95, "thread_count": args.threads // per, "timeout": 10, "retries": 0,
+            download = {**ours_settings(url_list, args.shard_size, args.image_size, args.threads // per),
                         "max_in_flight": cores * per, "task_cpus": 1 / per}
 
             def i2d(k: int, scheme: str = scheme, url_list: str = url_list, ca: str | None = ca) -> dict[str, Any]:
@@ -396,9 +401,7 @@ def zero_case(args: argparse.Namespace, cores: int, limit_cores: float, tmp: str
         keys = config_keys(root)
         url_list = os.path.join(tmp, "zero.parquet")
         write_url_list(url_list, [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(n)])
-        download = {"input": url_list, "shard_size": args.zero_shard_size, "image_size": args.image_size,
-                    "resize_mode": "center_crop", "output_format": "webdataset", "encode_format": "jpg",
-                    "encode_quality": 95, "thread_count": args.zero_threads, "timeout": 10, "retries": 0}
+        download = ours_settings(url_list, args.zero_shard_size, args.image_size, args.zero_threads)
 
         def i2d(k: int) -> dict[str, Any]:
             out = os.path.join(tmp, f"i2d_zero_{k}")

@@ -12,6 +12,7 @@ searched from the innermost frame out. Writes benchmarks/results/download_profil
 from __future__ import annotations
 
 import argparse
+import functools
 import linecache
 import os
 import re
@@ -47,6 +48,7 @@ CATEGORIES = [
 SOURCE_ROOTS = [bench.ROOT, *sys.path, os.path.dirname(os.__file__)]
 
 
+@functools.cache  # a capture repeats the same frames thousands of times
 def _source(frame: str) -> str:
     """``frame`` with the text of its source line appended (found under the repository, sys.path or the stdlib)."""
     m = re.search(r"\(([^()]+):(\d+)\)$", frame)
@@ -139,9 +141,7 @@ def main() -> None:
         bench.write_url_list(url_list, servers.urls(args.images, profile, ports[args.protocol], args.protocol,
                                                     manifest))
         per = args.tasks_per_core
-        download = {"input": url_list, "shard_size": 1000, "image_size": 256, "resize_mode": "center_crop",
-                    "output_format": "webdataset", "encode_format": "jpg", "encode_quality": 95,
-                    "thread_count": args.threads // per, "timeout": 10, "retries": 0,
+        download = {**bench.ours_settings(url_list, 1000, 256, args.threads // per),
                     "max_in_flight": cores * per, "task_cpus": 1 / per}
         root = bench.ROOT
         cmd, env, _ = bench.ours_run(root, bench.config_keys(root), tmp, "profile", download, cores,
