@@ -320,7 +320,8 @@ def web_case(args: argparse.Namespace, cores: int, limit_cores: float, tmp: str)
         "parameters": {"images": args.images, "pairs": args.pairs, "threads": args.threads, "processes": cores,
                        "ours_tasks": {"in_flight": cores * args.tasks_per_core,
                                       "threads_each": args.threads // args.tasks_per_core,
-                                      "task_cpus": 1 / args.tasks_per_core},
+                                      "task_cpus": 1 / args.tasks_per_core,
+                                      "node_connections": args.threads * cores if args.node_budget else 0},
                        "shard_size": args.shard_size, "image_size": args.image_size, "resize_mode": "center_crop",
                        "encode": "jpg 95", "profile": profile.__dict__, "protocols": args.protocols,
                        "latency_s": {"median": round(float(np.median(lat)), 3), "mean": round(float(lat.mean()), 3),
@@ -346,6 +347,8 @@ def web_case(args: argparse.Namespace, cores: int, limit_cores: float, tmp: str)
             per = args.tasks_per_core  # the same connections in flight: per-core tasks x threads each
             download = {**ours_settings(url_list, args.shard_size, args.image_size, args.threads // per),
                         "max_in_flight": cores * per, "task_cpus": 1 / per}
+            if args.node_budget:  # the same connections in flight, shared by the node's tasks instead of split
+                download["node_connections"] = args.threads * cores
 
             def i2d(k: int, scheme: str = scheme, url_list: str = url_list, ca: str | None = ca) -> dict[str, Any]:
                 out = os.path.join(tmp, f"i2d_{scheme}_{k}")
@@ -466,6 +469,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tasks-per-core", type=int, default=2,
                     help="web: ours runs this many shard tasks per core with threads/N threads each (download."
                          "task_cpus = 1/N): the same connections in flight as img2dataset's one process per core")
+    ap.add_argument("--no-node-budget", dest="node_budget", action="store_false",
+                    help="web: ours splits the connections per task (threads/N each) instead of sharing one budget "
+                         "of threads x cores per node (download.node_connections)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--zero-images", type=int, default=2000)
     ap.add_argument("--zero-pairs", type=int, default=3)

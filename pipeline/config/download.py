@@ -67,7 +67,13 @@ class DownloadConfig:
     encode_quality: int = 95
     """JPEG/WebP quality 1-100; for png, the compression level 0-9 (as img2dataset)."""
     thread_count: int = 16
-    """Concurrent fetches inside one shard task."""
+    """Concurrent fetches inside one shard task (when node_connections is 0)."""
+    node_connections: int = 0
+    """Fetches in flight at once on one node, shared by every shard task of the run there (0: none shared; each
+    task runs thread_count of its own). With a budget, each task may use all of it, so a shard waiting on its last
+    slow URLs, and the run's last shards, take the connections finished shards left: the node stays at this many
+    connections until the run's end. Each fetch holds one of the node's slots (a lock file in node scratch that the
+    kernel frees when a task dies). For web lists, e.g. 64 on 2 cores with max_in_flight 4."""
     timeout: float = 10.0
     """Bound on one connect or one socket read, in seconds."""
     deadline: float = 30.0
@@ -144,6 +150,7 @@ class DownloadConfig:
         else:
             _check(1 <= self.encode_quality <= 100, "download.encode_quality", "must be in [1, 100]")
         _check(self.thread_count > 0, "download.thread_count", "must be > 0")
+        _check(0 <= self.node_connections <= 4096, "download.node_connections", "must be in [0, 4096] (0: off)")
         _check(self.timeout > 0, "download.timeout", "must be > 0")
         _check(self.retries >= 0, "download.retries", "must be >= 0")
         _check(self.shard_retries >= 0, "download.shard_retries", "must be >= 0")

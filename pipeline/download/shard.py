@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +32,11 @@ import pyarrow as pa
 from pipeline.config import DownloadConfig
 from pipeline.download.fetch import FETCH_CODES, AddressPolicy, FetchLimits, FetchResult, fetch
 from pipeline.download.imaging import IMAGE_CODES, ImageLimits, ImageProcessor
+from pipeline.download.slots import NodeSlots, slots_folder
 from pipeline.download.writer import SUFFIXES, ShardWriter, sample_key
 from pipeline.errors import InputError
 from pipeline.forget.request import Selectors
+from pipeline.runtime import ray_seam
 from pipeline.storage import commit
 from pipeline.storage.faults import fault_point
 from pipeline.storage.lease import LeaseToken
@@ -165,7 +168,12 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
         writer = ShardWriter(cfg.output_format, staging, plan.shard_id, _meta_schema(extras), cfg.encode_format)
         sink = _Sink(writer, rows, keys, outcomes, claim if cfg.dedup_images else None, [f.name for f in extras])
         verify = cfg.verify_hash[1] if cfg.verify_hash else None
-        for i, out in _fetch_rows(todo, rows, limits, policy, proc, cfg.thread_count, sink.advance, verify):
+        threads, slots = cfg.thread_count, None
+        if cfg.node_connections:  # this task may use the node's whole budget, one slot per fetch
+            threads = cfg.node_connections
+            slots = NodeSlots(slots_folder(output, ray_seam.node_id()), cfg.node_connections)
+        threads = max(1, min(threads, len(todo)))
+        for i, out in _fetch_rows(todo, rows, limits, policy, proc, threads, sink.advance, verify, slots):
             if refuse and out.meta.get("sha256") in refuse.sha256:
                 out = Outcome("taken_down", "its image bytes are named by a takedown of this run; dropped")
             outcomes[i] = out
@@ -194,12 +202,14 @@ def download_shard(cfg: DownloadConfig, output: str, plan: ShardPlan, attempt: i
 
 def _fetch_rows(todo: list[int], rows: list[dict[str, Any]], limits: FetchLimits, policy: AddressPolicy,
                 proc: ImageProcessor, threads: int, started: Callable[[], None],
-                verify: str | None = None) -> Iterator[tuple[int, Outcome]]:
+                verify: str | None = None, slots: NodeSlots | None = None) -> Iterator[tuple[int, Outcome]]:
     """(row, outcome) for every row of ``todo``, as they finish. ``threads`` fetch threads only fetch: a body goes to
     one of ``IMAGE_THREADS`` image threads (hash, decode, resize, encode; cv2 and hashlib release the GIL), so a fetch
     thread is back on the network while its picture is worked on and ``threads`` connections stay busy. At most
     ``threads + IMAGE_THREADS`` bodies are held at once: when the image threads fall behind, fetch threads wait.
-    ``verify``: download.verify_hash's algorithm; each row's expected digest is under that name (the Reader's)."""
+    ``verify``: download.verify_hash's algorithm; each row's expected digest is under that name (the Reader's).
+    ``slots``: the node's connection budget (download.node_connections); each fetch holds one slot, taken after
+    its permit, so a thread waiting for the image threads holds no slot."""
     results: queue.SimpleQueue = queue.SimpleQueue()
     permits = threading.Semaphore(threads + IMAGE_THREADS)
 
@@ -214,7 +224,8 @@ def _fetch_rows(todo: list[int], rows: list[dict[str, Any]], limits: FetchLimits
     def get(i: int) -> None:
         permits.acquire()
         try:
-            got = fetch(rows[i].get("url"), limits, policy)
+            with slots.hold() if slots is not None else nullcontext():
+                got = fetch(rows[i].get("url"), limits, policy)
             if got.code == "ok" and got.body is not None:
                 images.submit(work, i, got)
                 return

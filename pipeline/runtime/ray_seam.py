@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -79,6 +80,13 @@ def _guard_local_cluster() -> None:
 def _package_root() -> str:
     return os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             os.environ.get("PYTHONPATH", "")])
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (the host name outside Ray)."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
 
 
 def shutdown() -> None:

@@ -5,10 +5,13 @@ environment, as the standard AWS chain would put them there, and must show up in
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 
@@ -36,8 +39,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Each worker node also gets a Ray temp folder of its own, as a real node has its own disk: otherwise every node
+# of this one-machine cluster unpacks the job's working_dir into one shared session folder, and a fresh node's
+# runtime-env agent rewriting that package while another node's workers import from it broke a tokenize shard
+# ("cannot import name ... from pipeline.storage", once in five suite runs). Short paths: Ray's sockets live there.
+NODE_TEMP_DIRS: list[str] = []
+
+
 def _worker_args() -> dict:
-    return {"num_cpus": 2, "resources": {"download": 1}, "dashboard_agent_listen_port": _free_port()}
+    NODE_TEMP_DIRS.append(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    return {"num_cpus": 2, "resources": {"download": 1}, "dashboard_agent_listen_port": _free_port(),
+            "temp_dir": NODE_TEMP_DIRS[-1]}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +75,8 @@ def cluster(s3):
     client = JobSubmissionClient(f"http://127.0.0.1:{port}")
     yield (c, workers, client), f"http://127.0.0.1:{port}"
     c.shutdown()
+    for d in NODE_TEMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -181,6 +195,8 @@ def _no_canary_anywhere(c, client, run) -> None:
         places.append((f"job {job.submission_id} record", repr(job).encode()))
         places.append((f"job {job.submission_id} log", client.get_job_logs(job.submission_id).encode()))
     roots = [str(run), c.head_node.get_logs_dir_path()]
+    roots += [logs for d in NODE_TEMP_DIRS for logs in glob.glob(os.path.join(d, "session_*", "logs"))]  # workers'
+    assert len(roots) > 2
     for root in roots:
         for dirpath, _, files in os.walk(root):
             for name in files:
