@@ -42,14 +42,12 @@ class NodeSlots:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         self.folder, self.count = folder, count
         self._local = threading.local()
-        self._next = itertools.count()
-        self._lock = threading.Lock()
+        self._next = itertools.count()  # next() on a count is atomic under the GIL: no lock needed
 
     def _path(self) -> str:
         path = getattr(self._local, "path", None)
         if path is None:  # this thread's slot, fixed for its life: thread k of every task shares slot k
-            with self._lock:
-                k = next(self._next) % self.count
+            k = next(self._next) % self.count
             path = self._local.path = os.path.join(self.folder, f"slot-{k:04d}")
         return path
 
