@@ -22,7 +22,6 @@ def ray_cluster():
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -52,8 +53,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=_RUNTIME_ENV,
                  log_to_driver=True, configure_logging=False)
         _guard_local_cluster()
-    # Ray Data's own progress bars are noisy in logs; the stages print their own progress lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+        # Runs before Ray's own exit hook (atexit is last in, first out): that one sleeps 0.5 s, then stops the
+        # cluster's processes one by one, waiting up to a second for each; a local run's user waits for all of it.
+        atexit.register(shutdown)
 
 
 def _guard_local_cluster() -> None:
@@ -90,8 +92,53 @@ def node_id() -> str:
 
 
 def shutdown() -> None:
-    if ray.is_initialized():
+    """Disconnect; a local cluster this driver started is stopped too, faster than Ray's own shutdown, which stops
+    its processes one by one, waiting up to a second for each (1.1-1.4 s for a local node, plus a 0.5 s sleep at
+    exit): 0.3-0.4 s here. Joining a cluster (a Ray job) only disconnects, as before."""
+    if not ray.is_initialized():
+        return
+    node = ray._private.worker._global_node  # set only where ray.init() started the node's processes
+    if node is None:
         ray.shutdown()
+        return
+    procs = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
+    ray._private.worker._global_node = None  # the driver disconnects first (Ray's order), the processes go below
+    try:
+        ray.shutdown()
+    finally:
+        _stop_local_node(procs)
+        if node.is_head():
+            node.destroy_external_storage()  # spilled objects, as Ray's own shutdown removes them
+        node.kill_all_processes(check_alive=False, allow_graceful=True)  # finds them gone: Ray's records close
+
+
+def _stop_local_node(procs: dict[str, list[Any]]) -> None:
+    """The autoscaler monitor is killed outright: on one local node it has nothing to scale or clean up, and its
+    SIGTERM handler only posts an "autoscaler failed" error to drivers, taking a second. Then the raylet, given 5 s
+    after SIGTERM: it stops its workers and leaves the GCS (SIGTERM to both at once leaves each waiting on the
+    other). Then every other process together, given 5 s (GCS, dashboard and log monitor take well under 0.1 s)."""
+    for p in procs.get("monitor", []):
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    _terminate(procs.get("raylet", []), 5.0)
+    _terminate([p for kind, ps in procs.items() if kind not in ("monitor", "raylet") for p in ps], 5.0)
+
+
+def _terminate(procs: list[Any], grace_s: float) -> None:
+    import subprocess
+    import time
+
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in live:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def storage_env() -> dict[str, Any]:
