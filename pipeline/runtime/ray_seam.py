@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -50,12 +51,31 @@ def init_ray(cfg: Config) -> None:
     else:
         # address="local": always a cluster of our own, even when another Ray on this machine left its address in
         # /tmp/ray (a plain ray.init() would join that one, and refuse num_cpus)
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=_RUNTIME_ENV,
-                 log_to_driver=True, configure_logging=False)
+        # The environment reaches the workers by inheritance (driver → raylet → workers), not as a job runtime_env:
+        # the workers Ray starts ahead with the node (one per CPU) have no job yet, and a job with a runtime_env of
+        # its own cannot use them, so they sat idle while the first tasks waited for fresh ones.
+        with _environ(_RUNTIME_ENV["env_vars"]):
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
         _guard_local_cluster()
         # Runs before Ray's own exit hook (atexit is last in, first out): that one sleeps 0.5 s, then stops the
         # cluster's processes one by one, waiting up to a second for each; a local run's user waits for all of it.
         atexit.register(shutdown)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ inside (for the processes started there), the driver's own environment after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _guard_local_cluster() -> None:
