@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import logging
 import os
@@ -27,7 +26,7 @@ import ray
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError, RankError
-from pipeline.runtime import demand
+from pipeline.runtime import demand, local_node
 from pipeline.storage.urls import exists, join, write_bytes
 
 log = logging.getLogger(__name__)
@@ -54,54 +53,14 @@ def init_ray(cfg: Config) -> None:
         # The environment reaches the workers by inheritance (driver → raylet → workers), not as a job runtime_env:
         # the workers Ray starts ahead with the node (one per CPU) have no job yet, and a job with a runtime_env of
         # its own cannot use them, so they sat idle while the first tasks waited for fresh ones.
-        with _environ(_RUNTIME_ENV["env_vars"]):
+        with local_node.environ(_RUNTIME_ENV["env_vars"]):
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
                      configure_logging=False)
-        _guard_local_cluster()
+        node = ray._private.worker._global_node
+        local_node.start_guardian([i.process.pid for infos in node.all_processes.values() for i in infos])
         # Runs before Ray's own exit hook (atexit is last in, first out): that one sleeps 0.5 s, then stops the
         # cluster's processes one by one, waiting up to a second for each; a local run's user waits for all of it.
         atexit.register(shutdown)
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in os.environ inside (for the processes started there), the driver's own environment after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _guard_local_cluster() -> None:
-    """This driver started the cluster: start ``pipeline.runtime.guardian`` to stop it if the driver is killed."""
-    import subprocess
-    import sys
-
-    import psutil
-
-    node = ray._private.worker._global_node
-    targets = []
-    for infos in node.all_processes.values():
-        for info in infos:
-            pid = info.process.pid
-            try:
-                targets.append(f"{pid}:{psutil.Process(pid).create_time()}")
-            except psutil.Error:
-                pass
-    subprocess.Popen([sys.executable, "-m", "pipeline.runtime.guardian", str(os.getpid()), *targets],
-                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": _package_root()})
-
-
-def _package_root() -> str:
-    return os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            os.environ.get("PYTHONPATH", "")])
 
 
 def node_id() -> str:
@@ -126,39 +85,10 @@ def shutdown() -> None:
     try:
         ray.shutdown()
     finally:
-        _stop_local_node(procs)
+        local_node.stop(procs)
         if node.is_head():
             node.destroy_external_storage()  # spilled objects, as Ray's own shutdown removes them
         node.kill_all_processes(check_alive=False, allow_graceful=True)  # finds them gone: Ray's records close
-
-
-def _stop_local_node(procs: dict[str, list[Any]]) -> None:
-    """The autoscaler monitor is killed outright: on one local node it has nothing to scale or clean up, and its
-    SIGTERM handler only posts an "autoscaler failed" error to drivers, taking a second. Then the raylet, given 5 s
-    after SIGTERM: it stops its workers and leaves the GCS (SIGTERM to both at once leaves each waiting on the
-    other). Then every other process together, given 5 s (GCS, dashboard and log monitor take well under 0.1 s)."""
-    for p in procs.get("monitor", []):
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    _terminate(procs.get("raylet", []), 5.0)
-    _terminate([p for kind, ps in procs.items() if kind not in ("monitor", "raylet") for p in ps], 5.0)
-
-
-def _terminate(procs: list[Any], grace_s: float) -> None:
-    import subprocess
-    import time
-
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in live:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def storage_env() -> dict[str, Any]:

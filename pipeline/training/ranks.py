@@ -22,6 +22,7 @@ from pipeline.config import Config, load_config
 from pipeline.config.placement import TrainerPlacement
 from pipeline.errors import ConfigError, PipelineError, rank_error_line
 from pipeline.runtime import ds_seam
+from pipeline.runtime.local_node import environ
 from pipeline.storage.commit import write_text
 from pipeline.storage.lease import Lease, LeaseToken
 from pipeline.storage.urls import Workspace, is_local, join
@@ -66,16 +67,8 @@ def single_rank_env() -> Iterator[bool]:
         port = s.getsockname()[1]
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         yield True
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 LEASE_ENV = "PIPELINE_RUN_LEASE"  # the driver's lease on the output folder, handed to its ranks
